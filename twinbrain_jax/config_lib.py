@@ -1,0 +1,24 @@
+"""Small helpers shared by the `configs/*.py` files: presets and validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration that names something unknown or inconsistent."""
+
+
+def select_preset(arg: str | None, presets: Mapping[str, Callable[[], ml_collections.ConfigDict]],
+                  config_file: str, default: str) -> ml_collections.ConfigDict:
+  """Returns `presets[arg]()`; an unknown name is an error listing the known ones."""
+  name = arg or default
+  if name not in presets:
+    raise ConfigError(
+        f"Unknown preset {name!r} for {config_file}; choose one of: {', '.join(sorted(presets))} "
+        f"(e.g. --config={config_file}:{default}).")
+  config = presets[name]()
+  config.preset = name
+  return config

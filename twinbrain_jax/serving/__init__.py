@@ -1,0 +1,1 @@
+"""twinbrain_jax.serving."""
