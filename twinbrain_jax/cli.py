@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
+
+from twinbrain_jax.config_lib import ConfigError
+
+
+def _one_line(error: BaseException) -> str:
+  """The last meaningful line of an error (absl wraps config-file errors with a traceback)."""
+  lines = [l.strip() for l in str(error).replace("\\n", "\n").splitlines() if l.strip()]
+  lines = [l for l in lines if not l.startswith(("Traceback", "File ", "^", "Pass --help"))]
+  last = lines[-1].strip("'\"") if lines else type(error).__name__
+  return re.sub(r"^[\w.]*Error: ", "", last)
 
 
 def _parse_flags_or_exit(argv: list[str]) -> list[str]:
@@ -13,13 +25,26 @@ def _parse_flags_or_exit(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"error: {e}\nPass --help for the flags.")
+    sys.exit(f"error: {_one_line(e)}")
   except (AttributeError, KeyError, ValueError, TypeError) as e:
-    bad = [a for a in argv[1:] if a.startswith("--config")]
-    detail = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-    sys.exit(f"error: could not apply {' '.join(bad) or 'the config flags'}: {detail}")
+    # ml_collections raises these for an override of a field that does not exist.
+    text = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    field = re.search(r"'(\w+)'", text)
+    bad = [a for a in argv[1:] if field and re.match(rf"--config\.(\w+\.)*{field.group(1)}[.=]", a)]
+    hint = re.search(r"Did you mean .*", text)
+    sys.exit(f"error: {bad[0] if bad else 'a --config override'} names no field of the config"
+             f"{' (unknown ' + repr(field.group(1)) + ')' if field else ''}"
+             f"{'. ' + hint.group(0).rstrip(chr(39)) if hint else ''}")
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run(main)` with config errors reported as one clear line instead of a traceback."""
-  app.run(main, flags_parser=_parse_flags_or_exit)
+  """`absl.app.run(main)` reporting config errors as one clear line instead of a traceback."""
+
+  @functools.wraps(main)
+  def checked_main(argv):
+    try:
+      return main(argv)
+    except ConfigError as e:
+      sys.exit(f"error: {e}")
+
+  app.run(checked_main, flags_parser=_parse_flags_or_exit)

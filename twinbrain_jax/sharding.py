@@ -27,6 +27,8 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from twinbrain_jax.config_lib import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Mesh axes that split the batch: every data-parallel replica and every FSDP shard sees
@@ -36,7 +38,7 @@ BATCH_MESH_AXES = ("data", "fsdp")
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(ConfigError):
   """A mesh or logical-rule configuration that cannot be built."""
 
 
