@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from twinbrain_jax.config_lib import select_preset
+from twinbrain_jax.data.config import default_data_config
 from twinbrain_jax.models.backbone_presets import backbone_preset
 
 # Logical axis name -> mesh axes. Ordered: the first rule whose mesh axes are still free wins,
@@ -26,7 +27,12 @@ LOGICAL_AXIS_RULES = (
     ("layers", None),
     ("action", None),
     ("state", None),
+    ("embodiment", None),
 )
+
+# `<|action|>` / `<|propri|>` ids of the right tokenizer: unused rows of each embedding table.
+_SPECIAL_TOKEN_IDS = dict(tiny=(496, 497), small=(4086, 4087), **{"3b": (151665, 151666),
+                                                                  "7b": (151665, 151666)})
 
 
 def _base(backbone: str) -> ml_collections.ConfigDict:
@@ -43,15 +49,41 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
       auto=False))
   c.model = ml_collections.ConfigDict()
   c.model.backbone = backbone_preset(backbone)
+  c.data = default_data_config()
+  m = c.model
+  m.variant = "twinbrain"  # or "monolithic": one trainable VLM, no left brain (Qwen-GR00T)
+  m.mask_mode = "all_left"  # or "index_causal" (public-code alignment), "full_joint" (ablation)
+  m.num_action_queries = 8
+  m.action_token_id, m.propri_token_id = _SPECIAL_TOKEN_IDS[backbone]
+  m.conditioning = "action_queries"  # or "all_right"
+  m.state_dim = 7
+  m.state_hidden_dim = 1024
+  m.num_embodiments = 1
+  m.dtype = "float32"  # compute dtype
+  m.param_dtype = "float32"  # trainable parts
+  m.left_param_dtype = "bfloat16"  # frozen left brain storage
+  m.remat_policy = "none"  # "full" or "dots" (save matmul outputs)
+  m.action_expert = ml_collections.ConfigDict(dict(
+      num_layers=16, num_heads=12, head_dim=64, action_dim=7, action_horizon=16, state_dim=7,
+      num_future_tokens=32, hidden_dim=1024, dropout=0.2))
+  # Flow matching: R noise draws per VLM forward; the ODE sampler.
+  c.flow = ml_collections.ConfigDict(dict(num_repeats=4, num_steps=4, method="euler"))
   return c
 
 
 def _tiny():
-  return _base("tiny")
+  c = _base("tiny")
+  c.model.state_hidden_dim = 32
+  c.model.action_expert.update(num_layers=2, num_heads=2, head_dim=16, num_future_tokens=4,
+                               hidden_dim=32, dropout=0.0)
+  return c
 
 
 def _small():
-  return _base("small")
+  c = _base("small")
+  c.model.action_expert.update(num_layers=4, num_heads=4, head_dim=64, num_future_tokens=32,
+                               hidden_dim=256)
+  return c
 
 
 def _qwen25vl_3b():

@@ -1,0 +1,214 @@
+"""TwinBrainVLA: AsyMoT semantics, gradient isolation, sampler, and learning on a fixed batch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fixtures_twinbrain import make_obs, tiny_config
+from twinbrain_jax.models import asymot
+from twinbrain_jax.models.qwen25vl import Qwen25VL
+from twinbrain_jax.models.twinbrain import (TwinBrainVLA, compute_loss, init_right_from_left,
+                                            sample_actions)
+
+
+def _init(config, obs, grid, seed=0):
+  model = TwinBrainVLA(config)
+  expert = config.action_expert
+  noisy = jnp.zeros((obs["state"].shape[0], expert.action_horizon, expert.action_dim))
+  t = jnp.zeros((obs["state"].shape[0],))
+  params = jax.jit(lambda r: model.init(r, obs, grid, noisy, t)["params"])(jax.random.key(seed))
+  return model, jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = tiny_config()
+  obs, grid = make_obs(config)
+  model, params = _init(config, obs, grid)
+  return config, model, params, obs, grid
+
+
+def _brains(model, params, obs, grid):
+  return jax.jit(lambda p, o: model.apply({"params": p}, o, grid, method=TwinBrainVLA.brains))(
+      params, obs)
+
+
+def test_left_brain_equals_standalone_backbone(tiny):
+  config, model, params, obs, grid = tiny
+  hidden_left, _ = _brains(model, params, obs, grid)
+  standalone = Qwen25VL(config.backbone).apply(
+      {"params": params["left"]}, obs["left_input_ids"], obs["left_attention_mask"],
+      obs["pixel_values"], grid, position_ids=obs["left_position_ids"])["hidden_states"]
+  valid = obs["left_attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(hidden_left)[valid], np.asarray(standalone)[valid],
+                             atol=1e-5, rtol=0)
+
+
+def test_gradients_never_reach_the_left_brain(tiny):
+  config, model, params, obs, grid = tiny
+  batch = dict(obs, actions=np.random.default_rng(1).normal(size=(2, 16, 7)).astype(np.float32),
+               action_mask=np.ones((2, 16), bool))
+  loss_fn = lambda p: compute_loss(model, p, batch, grid, jax.random.key(3), num_repeats=2)
+  grads = jax.jit(jax.grad(loss_fn))(params)
+  left_norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["left"])]
+  assert len(left_norms) > 10 and max(left_norms) == 0.0
+  # The right brain, state encoder and expert all learn.
+  for part in ("right", "state_encoder", "action_expert"):
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[part])) > 0, part
+
+  # A few optimizer steps that update only the trainable parts leave the left params bit-identical.
+  labels = {k: ("frozen" if k == "left" else "train") for k in params}
+  tx = optax.multi_transform({"train": optax.adamw(1e-2), "frozen": optax.set_to_zero()}, labels)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(loss_fn)(p)
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  new = params
+  for _ in range(3):
+    new, opt_state = step(new, opt_state)
+  for a, b in zip(jax.tree.leaves(params["left"]), jax.tree.leaves(new["left"])):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(params["right"]["model"]["norm"]["scale"]),
+                            np.asarray(new["right"]["model"]["norm"]["scale"]))
+
+
+def test_joint_attention_is_live_in_all_left_mode(tiny):
+  config, model, params, obs, grid = tiny
+  _, right = _brains(model, params, obs, grid)
+  changed = dict(obs, left_input_ids=obs["left_input_ids"].copy())
+  changed["left_input_ids"][:, -2:] = 7  # Change the last two instruction tokens of the left brain.
+  _, right_changed = _brains(model, params, changed, grid)
+  valid = obs["right_attention_mask"].astype(bool)
+  diff = np.abs(np.asarray(right) - np.asarray(right_changed))[valid].max()
+  assert diff > 1e-3
+
+
+def test_right_tokens_cannot_see_left_padding(tiny):
+  config, model, params, obs, grid = tiny
+  pad = ~obs["left_attention_mask"].astype(bool)
+  assert pad.any(), "the fixture must left-pad at least one prompt"
+  _, right = _brains(model, params, obs, grid)
+  changed = dict(obs, left_input_ids=np.where(pad, 123, obs["left_input_ids"]))
+  _, right_changed = _brains(model, params, changed, grid)
+  valid = obs["right_attention_mask"].astype(bool)
+  np.testing.assert_array_equal(np.asarray(right)[valid], np.asarray(right_changed)[valid])
+
+
+def test_mask_modes_on_a_hand_checked_case():
+  # Left: [pad, l1, l2]; right: [r0, r1].
+  left_valid = np.array([[0, 1, 1]])
+  right_valid = np.array([[1, 1]])
+  T, F = True, False
+  left_self = [[F, F, F], [F, T, F], [F, T, T]]
+  right_self = [[T, F], [T, T]]
+  expected_right = {
+      # every valid left token
+      "all_left": [[F, T, T] + right_self[0], [F, T, T] + right_self[1]],
+      # right i sees left j <= i (by array index), valid only
+      "index_causal": [[F, F, F] + right_self[0], [F, T, F] + right_self[1]],
+      "full_joint": [[F, T, T] + right_self[0], [F, T, T] + right_self[1]],
+  }
+  for mode, right in expected_right.items():
+    masks = asymot.joint_masks(left_valid, right_valid, mode)
+    np.testing.assert_array_equal(masks.right[0], np.array(right), err_msg=mode)
+    if mode == "full_joint":
+      # Left queries also see every valid right token (left padding sees nothing).
+      expected_left = [row + [F, F] if i == 0 else row + [T, T] for i, row in enumerate(left_self)]
+      np.testing.assert_array_equal(masks.left[0], np.array(expected_left))
+    else:
+      np.testing.assert_array_equal(masks.left[0], np.array(left_self))
+  with pytest.raises(ValueError, match="Unknown AsyMoT mask mode 'causal'"):
+    asymot.joint_masks(left_valid, right_valid, "causal")
+
+
+def test_joint_attention_matches_float64_reference():
+  rng = np.random.default_rng(0)
+  b, lo, lq, hq, hkv, d = 2, 5, 3, 4, 2, 8
+  q = rng.normal(size=(b, lq, hq, d))
+  ko, vo = rng.normal(size=(2, b, lo, hkv, d))
+  kq, vq = rng.normal(size=(2, b, lq, hkv, d))
+  mask = rng.uniform(size=(b, lq, lo + lq)) > 0.3
+  mask[..., 0] = True
+  out = asymot.joint_attention(*(jnp.asarray(x, jnp.float32) for x in (q, ko, vo, kq, vq)),
+                               jnp.asarray(mask))
+  k = np.concatenate([ko, kq], 1).repeat(hq // hkv, axis=2)
+  v = np.concatenate([vo, vq], 1).repeat(hq // hkv, axis=2)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+  logits = np.where(mask[:, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  expected = np.einsum("bhqk,bkhd->bqhd", probs, v)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def test_monolithic_variant_has_no_left_brain():
+  config = tiny_config(variant="monolithic")
+  obs, grid = make_obs(config)
+  _, params = _init(config, obs, grid)
+  assert "left" not in params and "right" in params
+
+
+def test_sampler_is_deterministic_and_converges_with_more_steps(tiny):
+  config, model, params, obs, grid = tiny
+  sample = jax.jit(functools.partial(sample_actions, model), static_argnames=("num_steps",))
+  sample = lambda steps, seed=0: np.asarray(jax.jit(
+      lambda p, o, r: sample_actions(model, p, o, grid, r, num_steps=steps))(
+          params, obs, jax.random.key(seed)), np.float64)
+  a, b = sample(4), sample(4)
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(sample(4, seed=1) - a).max() > 1e-3
+  reference = sample(128)
+  errors = [np.abs(sample(n) - reference).max() for n in (2, 8, 32)]
+  assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_right_brain_init_copies_left_with_mean_special_tokens(tiny):
+  config, model, params, obs, grid = tiny
+  right = init_right_from_left(params["left"], config, num_real_tokens=400)
+  table = np.asarray(params["left"]["model"]["embed_tokens"]["embedding"])
+  new = np.asarray(right["model"]["embed_tokens"]["embedding"])
+  np.testing.assert_allclose(new[config.action_token_id], table[:400].mean(0), atol=1e-8)
+  np.testing.assert_allclose(new[config.propri_token_id], table[:400].mean(0), atol=1e-8)
+  untouched = np.setdiff1d(np.arange(len(table)), [config.action_token_id, config.propri_token_id])
+  np.testing.assert_array_equal(new[untouched], table[untouched])
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+  config = tiny_config()
+  obs, grid = make_obs(config, text_lengths=(4, 6, 5, 7), seed=5)
+  model, params = _init(config, obs, grid, seed=1)
+  rng = np.random.default_rng(2)
+  # Smooth target chunks in [-1, 1], different per sample.
+  steps = np.linspace(0, 1, 16)[None, :, None]
+  actions = np.sin(2 * np.pi * (steps * rng.uniform(0.5, 1.5, (4, 1, 7)) + rng.uniform(0, 1, (4, 1, 7))))
+  batch = dict(obs, actions=actions.astype(np.float32), action_mask=np.ones((4, 16), bool))
+  trainable = {k: v for k, v in params.items() if k != "left"}
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, 400, 1e-4))
+  opt_state = tx.init(trainable)
+
+  @jax.jit
+  def step(trainable, opt_state, rng):
+    loss_fn = lambda tr: compute_loss(model, dict(tr, left=params["left"]), batch, grid, rng,
+                                      num_repeats=8)
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  losses = []
+  for i in range(400):
+    trainable, opt_state, loss = step(trainable, opt_state, jax.random.key(i))
+    losses.append(float(loss))
+  first, last = np.mean(losses[:10]), np.mean(losses[-20:])
+  assert last < first / 10, (first, last)
+  sampled = jax.jit(lambda p, o: sample_actions(model, p, o, grid, jax.random.key(0), num_steps=8))(
+      dict(trainable, left=params["left"]), obs)
+  error = np.abs(np.asarray(sampled) - actions).mean()
+  assert error < 0.1, error

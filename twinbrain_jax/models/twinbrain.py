@@ -1,0 +1,261 @@
+"""TwinBrainVLA: frozen left brain + trainable right brain (AsyMoT) + flow-matching DiT expert.
+
+    left brain   Qwen2.5-VL, frozen, bf16 storage: image + instruction
+    right brain  Qwen2.5-VL copy, trainable: image + "Instruction: ..\nAction Query: "
+                 + <|propri|> + N x <|action|>; the <|propri|> embedding is replaced by
+                 phi(state). It precedes the queries so that, under causal attention, every
+                 action query sees the state.
+    AsyMoT       at every layer right queries attend to [stop_grad(K/V_left), K/V_right]
+    expert       DiT cross-attending to the right brain's final states at the action queries
+
+The `monolithic` variant (Qwen-GR00T) drops the left brain: the right brain runs alone.
+
+Observation inputs (`obs`, a dict of arrays, batch-major):
+    left_input_ids [B, Ll], left_attention_mask [B, Ll], left_position_ids [3, B, Ll]
+    right_input_ids [B, Lr], right_attention_mask [B, Lr], right_position_ids [3, B, Lr]
+    pixel_values [N, C*T*p*p] (the images of all samples, in sample order)
+    state [B, S]; optional embodiment_id [B] int
+`image_grid_thw` [n_images, 3] is host numpy, static: it shapes the vision towers.
+Position ids come from `qwen25vl.get_rope_index` on the host (the data pipeline or the policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twinbrain_jax import flow_matching
+from twinbrain_jax.models import asymot
+from twinbrain_jax.models.dit import ActionExpert, ActionExpertConfig, EmbodimentMLP
+from twinbrain_jax.models.qwen25vl import Qwen25VL, Qwen25VLConfig
+
+VARIANTS = ("twinbrain", "monolithic")
+CONDITIONINGS = ("action_queries", "all_right")
+REMAT_POLICIES = ("none", "full", "dots")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: str) -> Any:
+  if name not in _DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(_DTYPES)}.")
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class TwinBrainConfig:
+  """Everything that shapes a `TwinBrainVLA`.
+
+  `action_token_id` / `propri_token_id` are the right tokenizer's `<|action|>` / `<|propri|>`
+  ids; they reuse unused rows of the embedding table so the vocabulary (and its sharding) keeps
+  its size.
+  """
+  backbone: Qwen25VLConfig
+  action_expert: ActionExpertConfig
+  action_token_id: int
+  propri_token_id: int
+  variant: str = "twinbrain"
+  mask_mode: str = "all_left"
+  num_action_queries: int = 8
+  conditioning: str = "action_queries"
+  state_dim: int = 7
+  state_hidden_dim: int = 1024
+  num_embodiments: int = 1
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  left_param_dtype: str = "bfloat16"
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    for name, allowed in (("variant", VARIANTS), ("mask_mode", asymot.MASK_MODES),
+                          ("conditioning", CONDITIONINGS), ("remat_policy", REMAT_POLICIES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"TwinBrainConfig.{name}={getattr(self, name)!r}; choose one of {allowed}.")
+    for name in ("dtype", "param_dtype", "left_param_dtype"):
+      _dtype(getattr(self, name))
+    vocab = self.backbone.text.vocab_size
+    for name in ("action_token_id", "propri_token_id"):
+      if not 0 <= getattr(self, name) < vocab:
+        raise ValueError(f"TwinBrainConfig.{name}={getattr(self, name)} is outside the "
+                         f"vocabulary [0, {vocab}).")
+    if self.action_expert.context_dim != self.backbone.text.hidden_size:
+      raise ValueError(
+          f"action_expert.context_dim={self.action_expert.context_dim} must equal the backbone "
+          f"hidden size {self.backbone.text.hidden_size} (the expert reads the right brain).")
+    if self.action_expert.state_dim not in (0, self.state_dim):
+      raise ValueError(f"action_expert.state_dim={self.action_expert.state_dim} must be 0 or "
+                       f"state_dim={self.state_dim}.")
+
+  @classmethod
+  def from_config_dict(cls, model: Mapping[str, Any]) -> TwinBrainConfig:
+    """From the `config.model` block (`backbone`, `action_expert` and the fields above)."""
+    items = dict(model.items())
+    backbone = Qwen25VLConfig.from_config_dict(items.pop("backbone"))
+    expert = dict(items.pop("action_expert").items())
+    expert.setdefault("context_dim", backbone.text.hidden_size)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(items) - fields)
+    if unknown:
+      raise ValueError(f"Unknown config.model key(s) {unknown}; the fields are {sorted(fields)}.")
+    return cls(backbone=backbone, action_expert=ActionExpertConfig.from_config_dict(expert),
+               **items)
+
+
+def action_query_context(hidden: jax.Array, input_ids: jax.Array, action_token_id: int,
+                         num_queries: int) -> jax.Array:
+  """Gathers the states at the `num_queries` action-query tokens of each row.
+
+  Args:
+    hidden: [B, L, E] final-norm states.
+    input_ids: [B, L]; each row holds exactly `num_queries` `action_token_id` tokens (rows may be
+      left-padded to different lengths, so the positions differ per row).
+
+  Returns:
+    [B, N, E] in prompt order.
+  """
+  is_query = input_ids == action_token_id
+  # A stable sort of "not a query" puts the query positions first, in order.
+  positions = jnp.argsort(~is_query, axis=1, stable=True)[:, :num_queries]  # [B, N]
+  return jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
+
+
+class TwinBrainVLA(nn.Module):
+  """The dual-brain policy; `variant="monolithic"` is the single-VLM baseline (Qwen-GR00T)."""
+  config: TwinBrainConfig
+
+  def setup(self):
+    c = self.config
+    dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
+    remat = {} if c.remat_policy == "none" else dict(remat_policy=c.remat_policy)
+    if c.variant == "twinbrain":
+      self.left = Qwen25VL(c.backbone, dtype=dtype, param_dtype=_dtype(c.left_param_dtype),
+                           **remat)
+    self.right = Qwen25VL(c.backbone, dtype=dtype, param_dtype=param_dtype, **remat)
+    self.state_encoder = EmbodimentMLP(
+        c.state_hidden_dim, c.backbone.text.hidden_size, num_embodiments=c.num_embodiments,
+        axes=("state", "mlp", "embed"), dtype=dtype, param_dtype=param_dtype)
+    self.action_expert = ActionExpert(c.action_expert, dtype=dtype, param_dtype=param_dtype)
+
+  def brains(self, obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray
+             ) -> tuple[jax.Array | None, jax.Array]:
+    """Runs both brains jointly.
+
+    Returns:
+      (left final-norm states [B, Ll, E] or None for `monolithic`, right final-norm states
+      [B, Lr, E]).
+    """
+    c = self.config
+    pixels, ids = obs["pixel_values"], obs["right_input_ids"]
+    right = self.right.embed_inputs(ids, pixels, image_grid_thw)  # [B, Lr, E]
+    state = self.state_encoder(obs["state"].astype(right.dtype), obs.get("embodiment_id"))
+    right = jnp.where((ids == c.propri_token_id)[..., None], state[:, None, :].astype(right.dtype),
+                      right)
+    right_text = self.right.model
+    rope_right = right_text.rotary(obs["right_position_ids"])
+    if c.variant == "monolithic":
+      hidden_right, _ = right_text(right, obs["right_position_ids"], obs["right_attention_mask"])
+      return None, hidden_right
+
+    left_text = self.left.model
+    left = self.left.embed_inputs(obs["left_input_ids"], pixels, image_grid_thw)  # [B, Ll, E]
+    masks = asymot.joint_masks(obs["left_attention_mask"], obs["right_attention_mask"], c.mask_mode)
+    hidden_left, hidden_right = asymot.asymot_forward(
+        left_text.layers, right_text.layers, left.astype(right.dtype), right,
+        left_text.rotary(obs["left_position_ids"]), rope_right, masks)
+    return left_text.norm(hidden_left), right_text.norm(hidden_right)
+
+  def encode(self, obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray
+             ) -> tuple[jax.Array, jax.Array]:
+    """The expert's conditioning: (context [B, Lc, E], context_mask [B, Lc] bool)."""
+    c = self.config
+    _, hidden_right = self.brains(obs, image_grid_thw)
+    if c.conditioning == "all_right":
+      return hidden_right, obs["right_attention_mask"].astype(bool)
+    context = action_query_context(hidden_right, obs["right_input_ids"], c.action_token_id,
+                                   c.num_action_queries)
+    return context, jnp.ones(context.shape[:2], bool)
+
+  def context_kv(self, context: jax.Array) -> Any:
+    """The expert's cross-attention K/V of `context`: computed once per observation."""
+    return self.action_expert.context_kv(context)
+
+  def velocity(self, noisy_actions: jax.Array, t: jax.Array, context_kv: Any,
+               context_mask: jax.Array, state: jax.Array, embodiment_id: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """`x_t [B, T, A]`, `t [B]` -> velocity [B, T, A] (the only part run per ODE step)."""
+    state = state if self.config.action_expert.state_dim else None
+    return self.action_expert(noisy_actions, t, context_kv=context_kv, context_mask=context_mask,
+                              state=state, embodiment_id=embodiment_id,
+                              deterministic=deterministic)
+
+  def __call__(self, obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray,
+               noisy_actions: jax.Array, t: jax.Array) -> jax.Array:
+    """Brains + expert in one call (used by `init`)."""
+    context, context_mask = self.encode(obs, image_grid_thw)
+    return self.velocity(noisy_actions, t, self.context_kv(context), context_mask, obs["state"],
+                         obs.get("embodiment_id"))
+
+
+def compute_loss(model: TwinBrainVLA, params: Any, batch: Mapping[str, jax.Array],
+                 image_grid_thw: np.ndarray, rng: jax.Array, num_repeats: int = 4,
+                 train: bool = True) -> jax.Array:
+  """Flow-matching loss: the brains run once, the expert on R noise draws of each sample.
+
+  Args:
+    params: the `params` collection of `model`.
+    batch: observation inputs plus `actions [B, T, A]` and `action_mask [B, T]`.
+    num_repeats: R noise/time draws per VLM forward.
+    train: applies dropout in the expert.
+  """
+  variables = {"params": params}
+  loss_rng, dropout_rng = jax.random.split(rng)
+  context, context_mask = model.apply(variables, batch, image_grid_thw, method=TwinBrainVLA.encode)
+  kv = model.apply(variables, context, method=TwinBrainVLA.context_kv)
+  repeated = flow_matching.repeat_batch(
+      dict(kv=kv, mask=context_mask, state=batch["state"],
+           embodiment_id=batch.get("embodiment_id")), num_repeats)
+
+  def velocity_fn(x_t, t):
+    return model.apply(variables, x_t, t, repeated["kv"], repeated["mask"], repeated["state"],
+                       repeated["embodiment_id"], deterministic=not train,
+                       method=TwinBrainVLA.velocity, rngs={"dropout": dropout_rng})
+
+  return flow_matching.flow_loss(velocity_fn, loss_rng, batch["actions"],
+                                 batch.get("action_mask"), num_repeats)
+
+
+def sample_actions(model: TwinBrainVLA, params: Any, obs: Mapping[str, jax.Array],
+                   image_grid_thw: np.ndarray, rng: jax.Array, num_steps: int = 4,
+                   method: str = "euler") -> jax.Array:
+  """Draws one action chunk per observation, [B, T, A] (normalised actions).
+
+  The brains and the expert's cross-attention K/V run once; only the DiT runs per ODE step.
+  """
+  variables = {"params": params}
+  context, context_mask = model.apply(variables, obs, image_grid_thw, method=TwinBrainVLA.encode)
+  kv = model.apply(variables, context, method=TwinBrainVLA.context_kv)
+
+  def velocity_fn(x_t, t):
+    return model.apply(variables, x_t, t, kv, context_mask, obs["state"],
+                       obs.get("embodiment_id"), method=TwinBrainVLA.velocity)
+
+  expert = model.config.action_expert
+  shape = (obs["state"].shape[0], expert.action_horizon, expert.action_dim)
+  return flow_matching.sample_actions(velocity_fn, rng, shape, num_steps=num_steps, method=method)
+
+
+def init_right_from_left(left_params: Any, config: TwinBrainConfig, num_real_tokens: int,
+                         param_dtype: Any = jnp.float32) -> Any:
+  """The right brain's initial params: a copy of the left brain's, with the new special tokens'
+  embedding rows set to the mean of the `num_real_tokens` real token embeddings."""
+  right = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), left_params)
+  table = right["model"]["embed_tokens"]["embedding"]  # [V, E]
+  mean = table[:num_real_tokens].mean(axis=0)
+  new_ids = jnp.array([config.action_token_id, config.propri_token_id])
+  right["model"]["embed_tokens"]["embedding"] = table.at[new_ids].set(mean)
+  return right
