@@ -22,7 +22,7 @@ Position ids come from `qwen25vl.get_rope_index` on the host (the data pipeline 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,8 +32,9 @@ import numpy as np
 
 from twinbrain_jax import flow_matching
 from twinbrain_jax.models import asymot
-from twinbrain_jax.models.dit import ActionExpert, ActionExpertConfig, EmbodimentMLP
-from twinbrain_jax.models.qwen25vl import Qwen25VL, Qwen25VLConfig
+from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, EmbodimentMLP,
+                                      action_expert_flops)
+from twinbrain_jax.models.qwen25vl import Qwen25VL, Qwen25VLConfig, get_rope_index
 
 VARIANTS = ("twinbrain", "monolithic")
 CONDITIONINGS = ("action_queries", "all_right")
@@ -259,3 +260,99 @@ def init_right_from_left(left_params: Any, config: TwinBrainConfig, num_real_tok
   new_ids = jnp.array([config.action_token_id, config.propri_token_id])
   right["model"]["embed_tokens"]["embedding"] = table.at[new_ids].set(mean)
   return right
+
+
+def synthetic_observation(config: TwinBrainConfig, text_lengths: Sequence[int] = (5, 9),
+                          image_grid: tuple[int, int, int] = (1, 8, 8), seed: int = 0
+                          ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Random observations with the prompt layout of the model, for tests and benchmarks.
+
+  One image of patch grid `image_grid` per sample; prompts are left-padded to a common length:
+    left:  <vision_start> <image>*n <vision_end> text
+    right: <vision_start> <image>*n <vision_end> text <propri> <action>*N
+
+  Returns:
+    (obs dict of numpy arrays, image_grid_thw [B, 3]).
+  """
+  bb, rng = config.backbone, np.random.default_rng(seed)
+  vision = bb.vision
+  t, h, w = image_grid
+  image = ([bb.vision_start_token_id] + [bb.image_token_id] * (t * h * w // vision.spatial_merge_size ** 2)
+           + [bb.vision_end_token_id])
+  special = {bb.image_token_id, bb.video_token_id, bb.vision_start_token_id, bb.vision_end_token_id,
+             config.action_token_id, config.propri_token_id}
+  text_ids = np.setdiff1d(np.arange(1, bb.text.vocab_size), sorted(special))
+  left_rows, right_rows = [], []
+  for length in text_lengths:
+    text = rng.choice(text_ids, size=length).tolist()
+    left_rows.append(image + text)
+    right_rows.append(image + text + [config.propri_token_id]
+                      + [config.action_token_id] * config.num_action_queries)
+  grid = np.array([image_grid] * len(text_lengths), np.int64)
+  obs = {}
+  for side, rows in (("left", left_rows), ("right", right_rows)):
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for b, row in enumerate(rows):
+      ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+    obs[f"{side}_input_ids"], obs[f"{side}_attention_mask"] = ids, mask
+    obs[f"{side}_position_ids"] = get_rope_index(ids, grid, mask, bb)[0]
+  obs["pixel_values"] = rng.normal(size=(len(text_lengths) * t * h * w, vision.patch_dim)).astype(
+      np.float32)
+  obs["state"] = rng.uniform(-1, 1, size=(len(text_lengths), config.state_dim)).astype(np.float32)
+  return obs, grid
+
+
+def _text_forward_flops(text: Any, queries: int, keys: int) -> int:
+  """Matmul FLOPs of the decoder for `queries` tokens attending to `keys` keys each."""
+  e, d = text.hidden_size, text.head_dim
+  projections = e * d * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
+  mlp = 3 * e * text.intermediate_size
+  attention = 2 * keys * text.num_attention_heads * d
+  return 2 * text.num_hidden_layers * queries * (projections + mlp + attention // 2)
+
+
+def _vision_forward_flops(vision: Any, patches_per_image: int, num_images: int) -> int:
+  """Matmul FLOPs of the vision tower (windowed blocks attend within a window)."""
+  hv, n = vision.hidden_size, patches_per_image * num_images
+  window = min((vision.window_size // vision.patch_size) ** 2, patches_per_image)
+  blocks = 0
+  for i in range(vision.depth):
+    keys = patches_per_image if i in vision.fullatt_block_indexes else window
+    blocks += n * (4 * hv * hv + 3 * hv * vision.intermediate_size + 2 * keys * hv)
+  merged = n // vision.spatial_merge_size ** 2
+  unit = hv * vision.spatial_merge_size ** 2
+  merger = merged * (unit * unit + unit * vision.out_hidden_size)
+  return 2 * (n * vision.patch_dim * hv + blocks + merger)
+
+
+def train_step_flops(config: TwinBrainConfig, batch: int, left_len: int, right_len: int,
+                     patches_per_image: int, num_repeats: int) -> dict[str, int]:
+  """Analytic matmul FLOPs of one training step (2 * m * n * k; backward = 2 x forward).
+
+  The frozen left brain runs forward only; the right brain, state encoder and expert run forward
+  and backward; the expert runs on `num_repeats` noise draws per sample.
+
+  Returns:
+    dict with `left`, `right`, `expert` and `total` FLOPs for the global batch.
+  """
+  bb, expert = config.backbone, config.action_expert
+  twin = config.variant == "twinbrain"
+  vision = _vision_forward_flops(bb.vision, patches_per_image, batch)
+  # Causal attention reads on average half of the keys; count the full square as peers do.
+  left = (vision + _text_forward_flops(bb.text, batch * left_len, left_len)) if twin else 0
+  right = vision + _text_forward_flops(bb.text, batch * right_len,
+                                       right_len + (left_len if twin else 0))
+  right += 2 * batch * (config.state_dim * config.state_hidden_dim
+                        + config.state_hidden_dim * bb.text.hidden_size)
+  context_len = (config.num_action_queries if config.conditioning == "action_queries"
+                 else right_len)
+  # The context K/V are computed once per sample, the rest once per noise draw.
+  context_kv = (action_expert_flops(expert, batch, context_len)
+                - action_expert_flops(expert, batch, context_len, include_context_kv=False))
+  dit = action_expert_flops(expert, batch * num_repeats, context_len,
+                            include_context_kv=False) + context_kv
+  flops = dict(left=left, right=3 * right, expert=3 * dit)
+  flops["total"] = sum(flops.values())
+  return flops

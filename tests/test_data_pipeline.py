@@ -1,0 +1,330 @@
+"""The grain pipeline on generated bridge/fractal datasets: contents, mixtures, host shards,
+iterator checkpoints and bad input."""
+
+import collections
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.fixtures_data import (oxe_data_dir, raw_episodes, reference_standardize,  # noqa: F401
+                                 small_config, stack)
+from twinbrain_jax.data import generate, normalization, pipeline, rlds, transforms
+
+DATASETS = (generate.BRIDGE, generate.FRACTAL)
+
+
+def _samples(pipe):
+  return [pipe.samples[i] for i in range(len(pipe.samples))]
+
+
+def _reference(data_dir):
+  """Per dataset: raw steps, float64 standardised episodes and float64 q01/q99."""
+  out = {}
+  for name in DATASETS:
+    episodes = raw_episodes(data_dir, name)
+    standard = [reference_standardize(name, steps) for steps in episodes]
+    actions = np.concatenate([a for a, _ in standard])
+    states = np.concatenate([s for _, s in standard])
+    out[name] = dict(steps=episodes, standard=standard,
+                     action_q=np.percentile(actions, [1, 99], axis=0),
+                     state_q=np.percentile(states, [1, 99], axis=0))
+  return out
+
+
+def _norm_reference(x, q, normalize_mask):
+  low, high = q
+  y = np.clip(2 * (x - low) / np.where(high > low, high - low, 1) - 1, -1, 1)
+  y = np.where(high > low, y, 0)
+  return np.where(normalize_mask, y, x)
+
+
+@pytest.mark.parametrize("pad_mode", ["repeat_last", "zero"])
+def test_samples_equal_direct_numpy_reference(oxe_data_dir, pad_mode):
+  """Every sample of one epoch against float64 numpy from TFDS-decoded episodes.
+
+  Tolerances: actions/states 2e-5 abs (float32 vs float64, values in [-1, 1]); images equal
+  the resize of the TFDS-decoded frame exactly, and are within 1.5 grey levels (mean) of an
+  antialiased bilinear XLA resize.
+  """
+  config = small_config(oxe_data_dir, num_epochs=1, pad_mode=pad_mode)
+  pipe = pipeline.DataPipeline(config, train=False,
+                               shard_options=grain.sharding.ShardOptions(0, 1))
+  ref = _reference(oxe_data_dir)
+  seen = set()
+  for sample in _samples(pipe):
+    name = DATASETS[int(sample["dataset_id"])]
+    r = ref[name]
+    e, t = int(sample["episode_index"]), int(sample["step_index"])
+    seen.add((name, e, t))
+    actions, states = r["standard"][e]
+    normalize_mask = np.array([True] * 6 + [False])
+    norm_actions = _norm_reference(actions, r["action_q"], normalize_mask)
+    norm_actions[:, 6] = actions[:, 6] > 0.5
+    horizon = config.action_horizon
+    expected = np.zeros((horizon, 7))
+    for h in range(horizon):
+      if t + h < len(actions):
+        expected[h] = norm_actions[t + h]
+      elif pad_mode == "repeat_last":
+        expected[h] = norm_actions[-1]
+    np.testing.assert_allclose(sample["actions"], expected, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(sample["action_mask"], t + np.arange(horizon) < len(actions))
+    expected_state = _norm_reference(states[t], r["state_q"], True)
+    np.testing.assert_allclose(sample["state"][:len(expected_state)], expected_state,
+                               rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(sample["state"][len(expected_state):], 0)  # bridge 7 -> 8
+    step = r["steps"][e][t]
+    camera = "image_0" if name == generate.BRIDGE else "image"
+    raw = step["observation"][camera]
+    assert sample["image"].shape == (32, 40, 3) and sample["image"].dtype == np.uint8
+    np.testing.assert_array_equal(sample["image"], transforms.resize(raw, (32, 40)))
+    xla = jax.image.resize(jnp.asarray(raw, jnp.float32), (32, 40, 3), "linear", antialias=True)
+    assert np.abs(sample["image"] - np.asarray(xla)).mean() < 1.5
+    language = (step["language_instruction"] if name == generate.BRIDGE
+                else step["observation"]["natural_language_instruction"])
+    assert sample["instruction"] == language.decode()
+  # One epoch covers every standardised step exactly once.
+  expected_keys = {(n, e, t) for n in DATASETS for e, (a, _) in enumerate(ref[n]["standard"])
+                   for t in range(len(a))}
+  assert seen == expected_keys and len(pipe.samples) == len(expected_keys)
+
+
+def test_unnormalize_inverts_pipeline_actions(oxe_data_dir):
+  pipe = pipeline.DataPipeline(small_config(oxe_data_dir, num_epochs=1), train=False,
+                               shard_options=grain.sharding.ShardOptions(0, 1))
+  ref = _reference(oxe_data_dir)
+  for sample in _samples(pipe)[:40]:
+    name = DATASETS[int(sample["dataset_id"])]
+    actions, _ = ref[name]["standard"][int(sample["episode_index"])]
+    t = int(sample["step_index"])
+    raw = pipe.unnormalize_actions(sample["actions"], int(sample["dataset_id"]))
+    real = sample["action_mask"]
+    truth = actions[t:t + real.sum()]
+    low, high = ref[name]["action_q"]
+    inside = (truth >= low) & (truth <= high)
+    # Inside [q01, q99] the inverse is exact up to float32 rounding (1e-5 of the value range).
+    np.testing.assert_allclose(raw[real][inside], truth[inside], rtol=0,
+                               atol=1e-5 * float((high - low).max()))
+    np.testing.assert_array_equal(raw[real][:, 6], truth[:, 6])
+
+
+def test_multi_camera_history_and_patch_padding(oxe_data_dir):
+  config = small_config(oxe_data_dir, num_epochs=1, num_cameras=2, obs_history=3,
+                        pad_to_multiple=28)
+  pipe = pipeline.DataPipeline(config, train=False,
+                               shard_options=grain.sharding.ShardOptions(0, 1))
+  ref = _reference(oxe_data_dir)
+  for sample in _samples(pipe)[:30]:
+    name = DATASETS[int(sample["dataset_id"])]
+    e, t = int(sample["episode_index"]), int(sample["step_index"])
+    assert sample["image"].shape == (3, 2, 56, 56, 3)  # [T_obs, n_cams, 32->56, 40->56, 3]
+    np.testing.assert_array_equal(sample["history_mask"], t - 2 + np.arange(3) >= 0)
+    cams = ("image_0", "image_1") if name == generate.BRIDGE else ("image",)
+    np.testing.assert_array_equal(sample["image_mask"], [True, len(cams) == 2])
+    for k in range(3):
+      step = max(t - 2 + k, 0)
+      for c, cam in enumerate(cams):
+        raw = ref[name]["steps"][e][step]["observation"][cam]
+        np.testing.assert_array_equal(sample["image"][k, c, :32, :40],
+                                      transforms.resize(raw, (32, 40)))
+      assert sample["image"][k, :, 32:].max() == 0 and sample["image"][k, :, :, 40:].max() == 0
+      if len(cams) == 1:
+        assert sample["image"][k, 1].max() == 0
+
+
+def test_mixture_proportions(oxe_data_dir):
+  """Weights 3:1 over 400 samples: the bridge fraction is 0.75 within 0.02."""
+  config = small_config(oxe_data_dir, weights=(3.0, 1.0))
+  pipe = pipeline.DataPipeline(config, shard_options=grain.sharding.ShardOptions(0, 1))
+  it = pipe.iterator()
+  ids = np.concatenate([next(it)["dataset_id"] for _ in range(100)])
+  it.close()
+  assert abs((ids == 0).mean() - 0.75) < 0.02, (ids == 0).mean()
+  # An endless mixture revisits steps: more samples than one epoch of bridge.
+  assert len(ids) > pipe.entries[0].stats.num_steps
+
+
+def test_host_shards_disjoint_and_complete(oxe_data_dir):
+  """Three simulated processes: their slices of one epoch are disjoint and cover every step."""
+  config = small_config(oxe_data_dir, num_epochs=1, batch_size=3)
+  per_host = []
+  for index in range(3):
+    pipe = pipeline.DataPipeline(config, train=False,
+                                 shard_options=grain.sharding.ShardOptions(index, 3))
+    assert pipe.per_host_batch_size == 1
+    per_host.append([(int(s["dataset_id"]), int(s["episode_index"]), int(s["step_index"]))
+                     for s in _samples(pipe)])
+  total = sum(e.stats.num_steps for e in pipe.entries)
+  union = set().union(*map(set, per_host))
+  assert sum(map(len, per_host)) == len(union) == total
+  assert max(map(len, per_host)) - min(map(len, per_host)) <= 1
+  # Endless training streams are disjoint too (first 60 sample positions per host).
+  train = [pipeline.DataPipeline(small_config(oxe_data_dir), shard_options=grain.sharding.ShardOptions(i, 2))
+           for i in range(2)]
+  both = pipeline.DataPipeline(small_config(oxe_data_dir),
+                               shard_options=grain.sharding.ShardOptions(0, 1))
+  for i in range(30):
+    for host in range(2):
+      a, b = train[host].samples[i], both.samples[2 * i + host]
+      assert (a["episode_index"], a["step_index"]) == (b["episode_index"], b["step_index"])
+
+
+def _batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_iterator_checkpoint_roundtrip_with_orbax(oxe_data_dir, tmp_path):
+  """Save after 3 batches, restore into a fresh pipeline (also with 2 worker processes): the
+  next 3 batches are identical, augmentation included."""
+  config = small_config(oxe_data_dir, **{"augment.enabled": True})
+  shard = grain.sharding.ShardOptions(0, 1)
+  it = pipeline.DataPipeline(config, shard_options=shard).iterator()
+  for _ in range(3):
+    next(it)
+  manager = ocp.CheckpointManager(tmp_path / "ckpt",
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  manager.wait_until_finished()
+  expected = [next(it) for _ in range(3)]
+  it.close()
+  for workers in (0, 2):
+    config.num_workers = workers
+    restored = pipeline.DataPipeline(config, shard_options=shard).iterator()
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    assert restored.get_state()["next_batch"] == 3
+    for want in expected:
+      _batches_equal(next(restored), want)
+    restored.close()
+  # Augmentation is on: images differ from the plain resize of the same steps.
+  plain = pipeline.DataPipeline(small_config(oxe_data_dir), shard_options=shard)
+  assert not np.array_equal(plain.batches[3]["image"], expected[0]["image"])
+  np.testing.assert_array_equal(plain.batches[3]["episode_index"], expected[0]["episode_index"])
+
+
+def test_restore_into_other_configuration_is_an_error(oxe_data_dir):
+  shard = grain.sharding.ShardOptions(0, 1)
+  state = pipeline.DataPipeline(small_config(oxe_data_dir), shard_options=shard).iterator()
+  state = state.get_state()
+  other = pipeline.DataPipeline(small_config(oxe_data_dir, seed=1), shard_options=shard)
+  with pytest.raises(pipeline.PipelineStateError, match="another configuration"):
+    other.iterator().set_state(state)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def _faulty(tmp_path, kind, faults, **kw):
+  data_dir = str(tmp_path)
+  generate.generate_dataset(kind, data_dir, num_episodes=4, min_steps=4, max_steps=5,
+                            faults=faults, **kw)
+  return data_dir
+
+
+def _open(data_dir, kind, **overrides):
+  config = small_config(data_dir, datasets=(kind,), weights=(1.0,), **overrides)
+  return pipeline.DataPipeline(config, shard_options=grain.sharding.ShardOptions(0, 1))
+
+
+def test_missing_directory_and_unknown_dataset(tmp_path):
+  with pytest.raises(FileNotFoundError, match="bridge_dataset.*does not exist"):
+    _open(str(tmp_path), generate.BRIDGE)
+  with pytest.raises(KeyError, match="'droid' is not in the OXE registry"):
+    _open(str(tmp_path), "droid")
+
+
+@pytest.mark.parametrize("kind,faults,match", [
+    (generate.BRIDGE, {"drop_key": "observation/state"},
+     r"missing feature key 'steps/observation/state'"),
+    (generate.FRACTAL, {"state_dim": 6},
+     r"'steps/observation/base_pose_tool_reached' has shape \(6,\), the registry expects \(7,\)"),
+])
+def test_schema_errors(tmp_path, kind, faults, match):
+  data_dir = _faulty(tmp_path, kind, faults)
+  with pytest.raises(rlds.DataError, match=match):
+    _open(data_dir, kind)
+
+
+@pytest.mark.parametrize("kind,faults,match", [
+    (generate.BRIDGE, {"nan_action": 2}, r"episode 2, key 'steps/action': non-finite value nan"),
+    (generate.FRACTAL, {"nan_action": 1},
+     r"episode 1, key 'steps/action/world_vector': non-finite value nan"),
+    (generate.BRIDGE, {"inf_state": 3},
+     r"episode 3, key 'steps/observation/state': non-finite value inf"),
+    (generate.FRACTAL, {"empty": 0}, r"episode 0: empty episode"),
+])
+def test_bad_episodes_error_or_counted_skip(tmp_path, kind, faults, match):
+  data_dir = _faulty(tmp_path, kind, faults)
+  with pytest.raises(rlds.DataError, match=f"dataset '{kind}', {match}.*skip_bad_episodes"):
+    _open(data_dir, kind)
+  pipe = _open(data_dir, kind, skip_bad_episodes=True, num_epochs=1)
+  bad = next(iter(faults.values()))
+  assert pipe.num_skipped == {kind: 1}
+  assert pipe.norm_stats[kind].episode_lengths[bad] == 0
+  episodes = collections.Counter(int(s["episode_index"]) for s in _samples(pipe))
+  assert bad not in episodes and len(episodes) == 3
+  # The stats file now records the skip; reading it without skipping is an error again.
+  with pytest.raises(rlds.DataError, match="skip 1 bad episodes"):
+    _open(data_dir, kind)
+
+
+def test_stale_stats_are_an_error(tmp_path):
+  data_dir = _faulty(tmp_path, generate.BRIDGE, {})
+  pipe = _open(data_dir, generate.BRIDGE)
+  path = normalization.stats_path(pipe.entries[0].source.path, "train")
+  stats = normalization.DatasetStatistics.load(path)
+  stats.num_records = 99
+  stats.save(path)
+  with pytest.raises(rlds.DataError, match="computed for another version"):
+    _open(data_dir, generate.BRIDGE)
+
+
+def test_tfrecord_data_points_to_the_converter(tmp_path):
+  data_dir = _faulty(tmp_path, generate.BRIDGE, {})
+  info = rlds.resolve_dataset_dir(data_dir, generate.BRIDGE) + "/dataset_info.json"
+  with open(info) as f:
+    text = f.read()
+  with open(info, "w") as f:
+    f.write(text.replace('"fileFormat": "array_record"', '"fileFormat": "tfrecord"'))
+  with pytest.raises(rlds.DataError, match="stored as 'tfrecord'.*convert_tfrecord.py"):
+    _open(data_dir, generate.BRIDGE)
+  try:
+    import tensorflow  # noqa: F401
+  except ImportError:
+    with pytest.raises(ImportError, match=r"twinbrain_jax\[tf\]"):
+      rlds.convert_to_array_record(rlds.resolve_dataset_dir(data_dir, generate.BRIDGE))
+
+
+def test_compute_norm_stats_script(oxe_data_dir, tmp_path):
+  """The script writes the same statistics the library computes (JSON, float32 values)."""
+  import subprocess
+  import sys
+  out = subprocess.run(
+      [sys.executable, "scripts/compute_norm_stats.py", f"--data_dir={oxe_data_dir}",
+       f"--stats_dir={tmp_path}"], capture_output=True, text=True, check=True,
+      cwd=__import__("pathlib").Path(__file__).parents[1])
+  assert "fractal20220817_data" in out.stdout
+  ref = _reference(oxe_data_dir)
+  for name in DATASETS:
+    stats = normalization.DatasetStatistics.load(
+        normalization.stats_path("", "train", str(tmp_path), name))
+    np.testing.assert_allclose(stats.action.q01, ref[name]["action_q"][0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(stats.state.q99, ref[name]["state_q"][1], rtol=0, atol=1e-6)
+
+
+def test_memory_mapped_steps_equal_per_episode_decoding(oxe_data_dir):
+  """Samples from the memory-mapped standardised steps equal those re-decoded per episode."""
+  config = small_config(oxe_data_dir, num_epochs=1)
+  shard = grain.sharding.ShardOptions(0, 1)
+  cached = pipeline.DataPipeline(config, train=False, shard_options=shard)
+  assert all(isinstance(e.stats.standardized, np.memmap) for e in cached.entries)
+  decoded = pipeline.DataPipeline(config, train=False, shard_options=shard)
+  for e in decoded.entries:
+    e.stats.standardized = None
+  for i in range(0, len(cached.samples), 7):
+    _batches_equal(cached.samples[i], decoded.samples[i])

@@ -1,0 +1,492 @@
+"""Qwen2.5-VL vision tower (ViT with windowed attention and a 2x2 patch merger) in linen.
+
+Reads top to bottom as the architecture: patch embedding (the Conv3d as a Dense over each
+flattened `(C, T, p, p)` patch), 2-D rotary embedding over (row, column) patch positions, blocks
+of RMSNorm -> attention -> RMSNorm -> SwiGLU, where most blocks attend within windows of
+`window_size` pixels and the blocks in `fullatt_block_indexes` attend over a whole frame, then
+the merger (RMSNorm, concatenate each `merge x merge` group of patches, Linear, GELU, Linear to
+the language model's width). `vision_params_from_hf` at the end fills the tower from a Hugging
+Face checkpoint.
+
+Images of different sizes are packed along one token axis, `[N, ...]`, in the order of
+`grid_thw`; each image's patches come merge-block-major (the image processor's order), so the
+patches of one merged token are consecutive. Which tokens may attend to which is fixed by
+`grid_thw` alone, so it is planned in numpy at trace time (`attention_segments`): tokens are
+gathered into padded segments `[S, L_max]` (one per frame, or one per window), attend there
+under a key-length mask, and are scattered back. The reference instead permutes tokens into
+window order and back; attention and everything per-token commute with that permutation, so the
+outputs agree up to float summation order, and the merged tokens come out in image order.
+
+Parameter layout (the same scheme as the language model): projection kernels keep the head
+axes, `DenseGeneral` style: `qkv` kernel `[embed, 3, heads, kv]`, `proj` kernel
+`[heads, kv, embed]`; MLP kernels `[embed, mlp]` / `[mlp, embed]`; norms `[norm]`; the patch
+embedding `[patch, embed]`. The packed token axis `N` (and the segment axis `S`) is sharded like
+a batch axis: vision work splits over the data-parallel devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Defaults of HF's `Qwen2_5_VLVisionConfig` for keys a `config.json` may leave out.
+_HF_VISION_DEFAULTS = dict(
+    depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
+    in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+    out_hidden_size=3584, fullatt_block_indexes=(7, 15, 23, 31))
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """Sizes of the vision tower; field names follow the HF `vision_config`."""
+  depth: int
+  hidden_size: int
+  num_heads: int
+  intermediate_size: int
+  out_hidden_size: int
+  fullatt_block_indexes: tuple[int, ...]
+  window_size: int = 112
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  spatial_merge_size: int = 2
+  in_channels: int = 3
+  hidden_act: str = "silu"
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "fullatt_block_indexes",
+                       tuple(int(i) for i in self.fullatt_block_indexes))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"vision hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    if self.head_dim % 4:
+      raise ValueError(f"vision head_dim={self.head_dim} must be a multiple of 4 for the 2-D "
+                       "rotary embedding (a quarter of it per axis, cos and sin halves).")
+    if self.window_size % (self.patch_size * self.spatial_merge_size):
+      raise ValueError(
+          f"vision window_size={self.window_size} must be a multiple of patch_size * "
+          f"spatial_merge_size = {self.patch_size * self.spatial_merge_size}.")
+    bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"vision fullatt_block_indexes {bad} lie outside [0, depth={self.depth}).")
+    if self.hidden_act != "silu":
+      raise ValueError(f"vision hidden_act={self.hidden_act!r} is not supported; Qwen2.5-VL "
+                       "uses 'silu'.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    """Length of one flattened input patch, `C * T * p * p`."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+  @property
+  def window_merge_units(self) -> int:
+    """Side of an attention window in merged units (112 px / 14 px / 2 = 4)."""
+    return self.window_size // self.spatial_merge_size // self.patch_size
+
+  @classmethod
+  def from_config_dict(cls, cd: Mapping[str, Any]) -> VisionConfig:
+    """From `config.model.backbone.vision` (a ConfigDict or dict with this class's fields)."""
+    cd = dict(cd)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cd) - names)
+    if unknown:
+      raise ValueError(f"Unknown vision config field(s) {unknown}; known: {sorted(names)}.")
+    return cls(**cd)
+
+  @classmethod
+  def from_hf(cls, d: Mapping[str, Any]) -> VisionConfig:
+    """From the `vision_config` dict of a HF Qwen2.5-VL `config.json` (old or new layout)."""
+    d = dict(d)
+    # Released checkpoints spell the channel count `in_chans`.
+    if "in_channels" not in d and "in_chans" in d:
+      d["in_channels"] = d["in_chans"]
+    v = {k: d.get(k, default) for k, default in _HF_VISION_DEFAULTS.items()}
+    rope = d.get("rope_parameters") or {}
+    v["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    return cls(**v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention plan: pure numpy on the static grid, run once per trace.
+
+
+class AttentionSegments(NamedTuple):
+  """Where each token goes in a padded `[S, L_max]` layout of attention segments.
+
+  Attributes:
+    gather: int32 `[S, L_max]`, token index at each slot (0 in padding slots).
+    lengths: int32 `[S]`, valid slots of each segment (valid slots come first).
+    scatter: int32 `[N]`, flat slot `s * L_max + i` of each token.
+  """
+  gather: np.ndarray
+  lengths: np.ndarray
+  scatter: np.ndarray
+
+
+def check_grid_thw(grid_thw: Any, spatial_merge_size: int) -> np.ndarray:
+  """`grid_thw` as a validated int64 `[n_images, 3]` host array."""
+  if isinstance(grid_thw, jax.core.Tracer):
+    raise TypeError(
+        "grid_thw must be a concrete host array (numpy), not a traced value: it fixes shapes "
+        "and attention windows. Close over it instead of passing it through jax.jit.")
+  grid = np.asarray(grid_thw)
+  if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer):
+    raise ValueError(f"grid_thw must be an integer array [n_images, 3] of (t, h, w) patch "
+                     f"counts; got {grid.dtype} {grid.shape}.")
+  if (grid <= 0).any() or (grid[:, 1:] % spatial_merge_size).any():
+    raise ValueError(f"grid_thw rows must be positive with h and w multiples of "
+                     f"spatial_merge_size={spatial_merge_size}; got {grid.tolist()}.")
+  return grid.astype(np.int64)
+
+
+def attention_segments(grid_thw: np.ndarray, spatial_merge_size: int,
+                       window_merge_units: int | None) -> AttentionSegments:
+  """Plans block-diagonal attention over packed tokens.
+
+  Args:
+    grid_thw: `[n_images, 3]` (t, h, w) patch grid per image, in packing order.
+    spatial_merge_size: side of a merged unit in patches.
+    window_merge_units: window side in merged units, or None for one segment per frame.
+
+  Returns:
+    The segment layout; tokens keep their packing order within a segment.
+  """
+  unit = spatial_merge_size**2
+  segment_ids, offset = [], 0
+  for t, h, w in grid_thw.tolist():
+    units_h, units_w = h // spatial_merge_size, w // spatial_merge_size
+    if window_merge_units is None:
+      per_frame, windows = np.zeros(units_h * units_w, np.int64), 1
+    else:
+      windows_h = -(-units_h // window_merge_units)
+      windows_w = -(-units_w // window_merge_units)
+      row, col = np.meshgrid(np.arange(units_h), np.arange(units_w), indexing="ij")
+      per_frame = ((row // window_merge_units) * windows_w + col // window_merge_units).ravel()
+      windows = windows_h * windows_w
+    per_frame = np.repeat(per_frame, unit)  # Units -> tokens (merge-block-major order).
+    frames = np.arange(t)[:, None] * windows + per_frame[None, :]
+    segment_ids.append(offset + frames.ravel())
+    offset += t * windows
+  # Number segments densely (windows of a ragged border may be empty).
+  _, segment = np.unique(np.concatenate(segment_ids), return_inverse=True)
+  order = np.argsort(segment, kind="stable")
+  lengths = np.bincount(segment)
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  seg_of_sorted = segment[order]
+  slot = np.arange(len(order)) - starts[seg_of_sorted]
+  max_len = int(lengths.max())
+  gather = np.zeros((len(lengths), max_len), np.int32)
+  gather[seg_of_sorted, slot] = order
+  scatter = np.empty(len(order), np.int32)
+  scatter[order] = seg_of_sorted * max_len + slot
+  return AttentionSegments(gather, lengths.astype(np.int32), scatter)
+
+
+def vision_positions(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
+  """(row, column) patch position of each packed token, int32 `[N, 2]`, merge-block-major."""
+  out = []
+  m = spatial_merge_size
+  for t, h, w in grid_thw.tolist():
+    row, col = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    block = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()  # noqa: E731
+    out.append(np.tile(np.stack([block(row), block(col)], -1), (t, 1)))
+  return np.concatenate(out).astype(np.int32)
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int,
+                   theta: float) -> tuple[jax.Array, jax.Array]:
+  """2-D rotary tables `[N, head_dim]` in fp32: a quarter of the frequencies per axis, twice.
+
+  Layout `[row freqs, column freqs, row freqs, column freqs]`, for rotate-half RoPE.
+  """
+  quarter = head_dim // 4
+  inv_freq = 1.0 / theta**(jnp.arange(0, 2 * quarter, 2, dtype=jnp.float32) / (2 * quarter))
+  angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [N, 2, quarter]
+  angles = angles.reshape(angles.shape[0], 2 * quarter)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE in fp32. x `[N, H, D]`, cos/sin `[N, D]`."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos[:, None] + rotated * sin[:, None]).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+
+_init = nn.initializers.normal(stddev=0.02)  # HF `initializer_range`.
+
+
+def _param(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+class EinsumDense(nn.Module):
+  """A projection `einsum(equation, x, kernel) + bias` whose kernel keeps its named axes.
+
+  The bias spans the kernel's output axes (those after the first `contracted` ones).
+  """
+  equation: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  contracted: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _param(_init, self.kernel_axes), self.kernel_shape,
+                        self.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", _param(nn.initializers.zeros, self.kernel_axes[self.contracted:]),
+                        self.kernel_shape[self.contracted:], self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in fp32, cast back, then scaled (the reference's order)."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", _param(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return x32.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class VisionAttention(nn.Module):
+  """Multi-head self-attention within segments, with 2-D RoPE on q and k."""
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segments: AttentionSegments):
+    """x `[N, E]`, cos/sin `[N, D]` -> `[N, E]`."""
+    c = self.config
+    heads, head_dim = c.num_heads, c.head_dim
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = EinsumDense("ne,ethd->nthd", (c.hidden_size, 3, heads, head_dim),
+                      ("embed", None, "heads", "kv"), **kw, name="qkv")(x)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    # Packed tokens -> padded segments [S, L, H, D]; padding keys are masked by length.
+    q, k, v = (nn.with_logical_constraint(a[segments.gather], ("batch", "length", "heads", "kv"))
+               for a in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=segments.lengths)
+    out = out.reshape(-1, heads, head_dim)[segments.scatter]  # [N, H, D]
+    return EinsumDense("nhd,hde->ne", (heads, head_dim, c.hidden_size), ("heads", "kv", "embed"),
+                       contracted=2, **kw, name="proj")(out)
+
+
+class VisionMLP(nn.Module):
+  """SwiGLU with biases: down(silu(gate(x)) * up(x))."""
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+
+    def dense(features, names, name):
+      return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=_param(_init, names),
+                      bias_init=_param(nn.initializers.zeros, names[-1:]), name=name)
+
+    gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+    up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "mlp"))
+    return dense(c.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
+
+
+class VisionBlock(nn.Module):
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segments: AttentionSegments):
+    """x `[N, E]` -> `[N, E]`."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    eps = self.config.rms_norm_eps
+    x = x + VisionAttention(self.config, **kw, name="attn")(
+        RMSNorm(eps, **kw, name="norm1")(x), cos, sin, segments)
+    x = x + VisionMLP(self.config, **kw, name="mlp")(RMSNorm(eps, **kw, name="norm2")(x))
+    return nn.with_logical_constraint(x, ("batch", "embed"))
+
+
+class PatchMerger(nn.Module):
+  """RMSNorm, concatenate each merge group of patches, Linear, GELU (erf), Linear."""
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x `[N, E]` -> `[N // merge**2, out_hidden_size]`."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    merged_dim = c.hidden_size * c.spatial_merge_size**2
+    x = RMSNorm(c.rms_norm_eps, **kw, name="ln_q")(x).reshape(-1, merged_dim)
+    x = nn.Dense(merged_dim, **kw, kernel_init=_param(_init, ("embed", "mlp")),
+                 bias_init=_param(nn.initializers.zeros, ("mlp",)), name="mlp_0")(x)
+    x = nn.with_logical_constraint(nn.gelu(x, approximate=False), ("batch", "mlp"))
+    return nn.Dense(c.out_hidden_size, **kw, kernel_init=_param(_init, ("mlp", "embed")),
+                    bias_init=_param(nn.initializers.zeros, ("embed",)), name="mlp_2")(x)
+
+
+class VisionTower(nn.Module):
+  """Qwen2.5-VL vision encoder: flattened patches of several images -> merged tokens.
+
+  Attributes:
+    remat: recompute each block's activations in the backward pass (gradient checkpointing).
+  """
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array, grid_thw: np.ndarray) -> jax.Array:
+    """Encodes packed image patches.
+
+    Args:
+      pixel_values: `[N, C * T * p * p]` float, the patches of all images concatenated
+        (as `image_processor.preprocess_images` returns them).
+      grid_thw: `[n_images, 3]` int (t, h, w) patch grid per image; a static host array.
+
+    Returns:
+      `[N // merge**2, out_hidden_size]` merged tokens, image by image in input order.
+    """
+    c = self.config
+    grid = check_grid_thw(grid_thw, c.spatial_merge_size)
+    num_tokens = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    if pixel_values.ndim != 2 or pixel_values.shape != (num_tokens, c.patch_dim):
+      raise ValueError(
+          f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid.tolist()} "
+          f"with patch_dim C*T*p*p={c.patch_dim} needs ({num_tokens}, {c.patch_dim}).")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    full, windows = (
+        AttentionSegments(*map(jnp.asarray, attention_segments(grid, c.spatial_merge_size, units)))
+        for units in (None, c.window_merge_units))
+    cos, sin = rotary_cos_sin(jnp.asarray(vision_positions(grid, c.spatial_merge_size)),
+                              c.head_dim, c.rope_theta)
+
+    x = nn.Dense(c.hidden_size, use_bias=False, **kw,
+                 kernel_init=_param(_init, ("patch", "embed")), name="patch_embed")(
+                     pixel_values.astype(self.dtype))
+    x = nn.with_logical_constraint(x, ("batch", "embed"))
+    block = nn.remat(VisionBlock) if self.remat else VisionBlock
+    for i in range(c.depth):
+      segments = full if i in c.fullatt_block_indexes else windows
+      x = block(c, **kw, name=f"blocks_{i}")(x, cos, sin, segments)
+    return PatchMerger(c, **kw, name="merger")(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading from a Hugging Face checkpoint.
+
+
+def hf_vision_weight_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
+  """Every HF vision tensor name (relative to `visual.`) with its torch-layout shape."""
+  c = config
+  e, f, merged = c.hidden_size, c.intermediate_size, c.hidden_size * c.spatial_merge_size**2
+  shapes = {"patch_embed.proj.weight": (e, c.in_channels, c.temporal_patch_size, c.patch_size,
+                                        c.patch_size)}
+  for i in range(c.depth):
+    p = f"blocks.{i}."
+    shapes.update({
+        p + "norm1.weight": (e,), p + "norm2.weight": (e,),
+        p + "attn.qkv.weight": (3 * e, e), p + "attn.qkv.bias": (3 * e,),
+        p + "attn.proj.weight": (e, e), p + "attn.proj.bias": (e,),
+        p + "mlp.gate_proj.weight": (f, e), p + "mlp.gate_proj.bias": (f,),
+        p + "mlp.up_proj.weight": (f, e), p + "mlp.up_proj.bias": (f,),
+        p + "mlp.down_proj.weight": (e, f), p + "mlp.down_proj.bias": (e,),
+    })
+  shapes.update({
+      "merger.ln_q.weight": (e,),
+      "merger.mlp.0.weight": (merged, merged), "merger.mlp.0.bias": (merged,),
+      "merger.mlp.2.weight": (c.out_hidden_size, merged), "merger.mlp.2.bias": (c.out_hidden_size,),
+  })
+  return shapes
+
+
+def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig) -> dict:
+  """The `VisionTower` param tree from HF tensors.
+
+  Args:
+    get: returns the torch-layout array of a HF vision tensor named relative to the vision
+      prefix (e.g. `blocks.0.attn.qkv.weight`).
+    config: the tower's config; every tensor's shape is checked against it.
+
+  Returns:
+    A nested dict of arrays (unboxed), the `params` collection of `VisionTower`.
+
+  Raises:
+    KeyError: a tensor is missing (names it and the shape expected).
+    ValueError: a tensor's shape differs from the config's (names it and both shapes).
+  """
+  c = config
+  shapes = hf_vision_weight_shapes(c)
+  heads, head_dim, e = c.num_heads, c.head_dim, c.hidden_size
+
+  def load(name):
+    try:
+      array = get(name)
+    except KeyError as err:
+      raise KeyError(f"Vision weight {name!r} (expected shape {shapes[name]}) is missing from "
+                     f"the checkpoint: {err}") from err
+    if tuple(array.shape) != shapes[name]:
+      raise ValueError(
+          f"Vision weight {name!r} has shape {tuple(array.shape)} in the checkpoint but the "
+          f"config needs {shapes[name]}; check that the vision config matches the checkpoint.")
+    return array
+
+  def linear(prefix):
+    return {"kernel": load(prefix + ".weight").T, "bias": load(prefix + ".bias")}
+
+  params = {"patch_embed": {"kernel": load("patch_embed.proj.weight").reshape(e, -1).T}}
+  for i in range(c.depth):
+    p = f"blocks.{i}."
+    params[f"blocks_{i}"] = {
+        "norm1": {"scale": load(p + "norm1.weight")},
+        "norm2": {"scale": load(p + "norm2.weight")},
+        "attn": {
+            "qkv": {"kernel": load(p + "attn.qkv.weight").T.reshape(e, 3, heads, head_dim),
+                    "bias": load(p + "attn.qkv.bias").reshape(3, heads, head_dim)},
+            "proj": {"kernel": load(p + "attn.proj.weight").T.reshape(heads, head_dim, e),
+                     "bias": load(p + "attn.proj.bias")},
+        },
+        "mlp": {name: linear(p + "mlp." + name) for name in ("gate_proj", "up_proj", "down_proj")},
+    }
+  params["merger"] = {"ln_q": {"scale": load("merger.ln_q.weight")},
+                      "mlp_0": linear("merger.mlp.0"), "mlp_2": linear("merger.mlp.2")}
+  return params
