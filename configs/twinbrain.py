@@ -50,13 +50,17 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.backbone = backbone_preset(backbone)
   c.data = default_data_config()
+  c.data.state_dim = 8  # bridge 7 / fractal 8, zero-padded to the model's state width
+  c.data.pad_to_multiple = 28
+  # Pipeline batch -> model batch (twinbrain_jax/inputs.py): fixed, left-padded prompt lengths.
+  c.inputs = ml_collections.ConfigDict(dict(max_left_tokens=128, max_right_tokens=160))
   m = c.model
   m.variant = "twinbrain"  # or "monolithic": one trainable VLM, no left brain (Qwen-GR00T)
   m.mask_mode = "all_left"  # or "index_causal" (public-code alignment), "full_joint" (ablation)
   m.num_action_queries = 8
   m.action_token_id, m.propri_token_id = _SPECIAL_TOKEN_IDS[backbone]
   m.conditioning = "action_queries"  # or "all_right"
-  m.state_dim = 7
+  m.state_dim = 8
   m.state_hidden_dim = 1024
   m.num_embodiments = 1
   m.dtype = "float32"  # compute dtype
@@ -64,7 +68,7 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   m.left_param_dtype = "bfloat16"  # frozen left brain storage
   m.remat_policy = "none"  # "full" or "dots" (save matmul outputs)
   m.action_expert = ml_collections.ConfigDict(dict(
-      num_layers=16, num_heads=12, head_dim=64, action_dim=7, action_horizon=16, state_dim=7,
+      num_layers=16, num_heads=12, head_dim=64, action_dim=7, action_horizon=16, state_dim=8,
       num_future_tokens=32, hidden_dim=1024, dropout=0.2))
   # Flow matching: R noise draws per VLM forward; the ODE sampler.
   c.flow = ml_collections.ConfigDict(dict(num_repeats=4, num_steps=4, method="euler"))
@@ -73,6 +77,8 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
 
 def _tiny():
   c = _base("tiny")
+  c.data.image_size = (112, 112)  # 16 merged image tokens keep the demo fast
+  c.inputs.update(max_left_tokens=96, max_right_tokens=128)
   c.model.state_hidden_dim = 32
   c.model.action_expert.update(num_layers=2, num_heads=2, head_dim=16, num_future_tokens=4,
                                hidden_dim=32, dropout=0.0)

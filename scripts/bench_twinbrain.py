@@ -72,6 +72,7 @@ def bench_preset(preset, repeats):
   model_cd = config_dict.model
   model_cd.left_param_dtype = "float32"  # fp32 throughout, as the benchmark specifies
   model_cd.action_expert.dropout = 0.0
+  model_cd.state_dim = model_cd.action_expert.state_dim = 7  # the benchmark's state width
   config = TwinBrainConfig.from_config_dict(model_cd)
   num_repeats, num_steps = config_dict.flow.num_repeats, config_dict.flow.num_steps
   model = TwinBrainVLA(config)

@@ -1,0 +1,117 @@
+"""From data-pipeline batches to TwinBrainVLA inputs: images -> patches, prompts -> token ids.
+
+Runs on the host (numpy), after the grain pipeline and before `jax.jit`. Every output has a
+fixed shape (prompts are left-padded to the lengths in `config.inputs`), so the train step and
+the policy compile once.
+
+    left prompt   <|im_start|>user\\n<|vision_start|><|image_pad|>*n<|vision_end|>{instruction}
+                  <|im_end|>\\n<|im_start|>assistant\\n
+    right prompt  the same turn with text "Instruction: {instruction}\\nAction Query: ", then
+                  <|propri|> and N x <|action|> (inserted by id, so the tokenizer needs no
+                  new entries; their embedding rows are reserved in the right brain)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from twinbrain_jax.models.image_processor import preprocess_images
+from twinbrain_jax.models.qwen25vl import get_rope_index
+from twinbrain_jax.models.tokenizer import QwenTokenizer, num_image_tokens
+from twinbrain_jax.models.twinbrain import TwinBrainConfig
+
+RIGHT_PROMPT = "Instruction: {instruction}\nAction Query: "
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+  """Turns a pipeline batch (`image [B, H, W, 3] uint8`, `instruction [B]`, `state [B, S]`, and
+  for training `actions [B, T, A]`, `action_mask [B, T]`) into the model's batch.
+
+  Attributes:
+    config: the model config (token ids, number of action queries, state width).
+    tokenizer: the checkpoint's tokenizer.
+    max_left_tokens, max_right_tokens: fixed prompt lengths (left padding).
+    image_size: (H, W) the pipeline delivers; multiples of 28 so images are not resized again.
+  """
+  config: TwinBrainConfig
+  tokenizer: QwenTokenizer
+  max_left_tokens: int
+  max_right_tokens: int
+  image_size: tuple[int, int] = (224, 224)
+
+  def __post_init__(self):
+    factor = self.config.backbone.vision.patch_size * self.config.backbone.vision.spatial_merge_size
+    if any(s % factor for s in self.image_size):
+      raise ValueError(f"image_size={tuple(self.image_size)} must be multiples of {factor} "
+                       "(patch x merge) so the processor keeps it; set data.image_size or "
+                       f"data.pad_to_multiple={factor}.")
+    self.tokenizer.check_ids(self.config.backbone)
+
+  @property
+  def patches_per_image(self) -> int:
+    p = self.config.backbone.vision.patch_size
+    return (self.image_size[0] // p) * (self.image_size[1] // p)
+
+  def image_grid_thw(self, batch_size: int) -> np.ndarray:
+    """[B, 3] patch grids of a batch (one image per sample); static for the jitted step."""
+    p = self.config.backbone.vision.patch_size
+    return np.tile(np.array([[1, self.image_size[0] // p, self.image_size[1] // p]], np.int64),
+                   (batch_size, 1))
+
+  def pixel_values(self, images: np.ndarray) -> np.ndarray:
+    """[B, H, W, 3] uint8 -> [B * patches, C*T*p*p] float32, samples in order."""
+    if images.ndim != 4 or tuple(images.shape[1:3]) != tuple(self.image_size):
+      raise ValueError(f"Expected images [B, {self.image_size[0]}, {self.image_size[1]}, 3]; got "
+                       f"{images.shape}. Set data.image_size to the model's image size.")
+    side = self.image_size[0] * self.image_size[1]
+    pixels, _ = preprocess_images(list(images), min_pixels=side, max_pixels=side)
+    return pixels
+
+  def prompts(self, instructions: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Left and right token ids, masks and M-RoPE positions, each [B, L] / [3, B, L]."""
+    texts = [i.decode() if isinstance(i, bytes) else str(i) for i in instructions]
+    c, tok = self.config, self.tokenizer
+    grid = self.image_grid_thw(len(texts))
+    image_tokens = [[n] for n in num_image_tokens(grid, c.backbone.vision.spatial_merge_size)]
+    queries = [c.propri_token_id] + [c.action_token_id] * c.num_action_queries
+    rows = dict(
+        left=[tok.encode_chat(t, n) for t, n in zip(texts, image_tokens)],
+        right=[tok.encode_chat(RIGHT_PROMPT.format(instruction=t), n) + queries
+               for t, n in zip(texts, image_tokens)])
+    out = {}
+    for side, length in (("left", self.max_left_tokens), ("right", self.max_right_tokens)):
+      longest = max(len(r) for r in rows[side])
+      if longest > length:
+        raise ValueError(f"A {side} prompt has {longest} tokens, more than "
+                         f"inputs.max_{side}_tokens={length}; raise it or shorten the "
+                         "instruction.")
+      ids = np.full((len(texts), length), tok.pad_id, np.int32)
+      mask = np.zeros((len(texts), length), np.int32)
+      for b, row in enumerate(rows[side]):
+        ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+      out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = ids, mask
+      out[f"{side}_position_ids"] = get_rope_index(ids, grid, mask, c.backbone)[0]
+    return out
+
+  def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model batch: prompts, `pixel_values`, `state`, and the training targets if present."""
+    for key in ("image", "instruction", "state"):
+      if key not in batch:
+        raise KeyError(f"The batch has no {key!r}; the data pipeline must provide image, "
+                       f"instruction and state (got {sorted(batch)}).")
+    state = np.asarray(batch["state"], np.float32)
+    if state.shape[-1] != self.config.state_dim:
+      raise ValueError(f"The batch's state has width {state.shape[-1]} but model.state_dim is "
+                       f"{self.config.state_dim}; set data.state_dim={self.config.state_dim}.")
+    out = self.prompts(batch["instruction"])
+    out["pixel_values"] = self.pixel_values(np.asarray(batch["image"]))
+    out["state"] = state
+    for key in ("actions", "action_mask", "embodiment_id"):
+      if key in batch:
+        out[key] = np.asarray(batch[key])
+    return out
