@@ -212,3 +212,16 @@ def test_tiny_model_overfits_a_fixed_batch():
       dict(trainable, left=params["left"]), obs)
   error = np.abs(np.asarray(sampled) - actions).mean()
   assert error < 0.1, error
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(tiny, policy):
+  config, model, params, obs, grid = tiny
+  remat_model = TwinBrainVLA(tiny_config(remat_policy=policy))
+  batch = dict(obs, actions=np.zeros((2, 16, 7), np.float32), action_mask=np.ones((2, 16), bool))
+  grad = lambda m: jax.jit(jax.value_and_grad(
+      lambda p: compute_loss(m, p, batch, grid, jax.random.key(0), num_repeats=2)))(params)
+  (loss, grads), (remat_loss, remat_grads) = grad(model), grad(remat_model)
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads["right"]), jax.tree.leaves(remat_grads["right"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)

@@ -34,11 +34,10 @@ from twinbrain_jax import flow_matching
 from twinbrain_jax.models import asymot
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, EmbodimentMLP,
                                       action_expert_flops)
-from twinbrain_jax.models.qwen25vl import Qwen25VL, Qwen25VLConfig, get_rope_index
+from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, Qwen25VL, Qwen25VLConfig, get_rope_index
 
 VARIANTS = ("twinbrain", "monolithic")
 CONDITIONINGS = ("action_queries", "all_right")
-REMAT_POLICIES = ("none", "full", "dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -74,7 +73,8 @@ class TwinBrainConfig:
 
   def __post_init__(self):
     for name, allowed in (("variant", VARIANTS), ("mask_mode", asymot.MASK_MODES),
-                          ("conditioning", CONDITIONINGS), ("remat_policy", REMAT_POLICIES)):
+                          ("conditioning", CONDITIONINGS),
+                          ("remat_policy", tuple(REMAT_POLICIES))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"TwinBrainConfig.{name}={getattr(self, name)!r}; choose one of {allowed}.")
     for name in ("dtype", "param_dtype", "left_param_dtype"):
@@ -132,11 +132,10 @@ class TwinBrainVLA(nn.Module):
   def setup(self):
     c = self.config
     dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
-    remat = {} if c.remat_policy == "none" else dict(remat_policy=c.remat_policy)
-    if c.variant == "twinbrain":
-      self.left = Qwen25VL(c.backbone, dtype=dtype, param_dtype=_dtype(c.left_param_dtype),
-                           **remat)
-    self.right = Qwen25VL(c.backbone, dtype=dtype, param_dtype=param_dtype, **remat)
+    if c.variant == "twinbrain":  # Frozen: forward only, so no remat.
+      self.left = Qwen25VL(c.backbone, dtype=dtype, param_dtype=_dtype(c.left_param_dtype))
+    self.right = Qwen25VL(c.backbone, dtype=dtype, param_dtype=param_dtype,
+                          remat_policy=c.remat_policy)
     self.state_encoder = EmbodimentMLP(
         c.state_hidden_dim, c.backbone.text.hidden_size, num_embodiments=c.num_embodiments,
         axes=("state", "mlp", "embed"), dtype=dtype, param_dtype=param_dtype)

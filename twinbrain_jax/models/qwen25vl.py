@@ -1,0 +1,754 @@
+"""Qwen2.5-VL in linen: the text decoder with M-RoPE, the multimodal rope index, the full model.
+
+Reads top to bottom as the architecture:
+
+  configs -> M-RoPE (`mrope_cos_sin`, `apply_rope`) -> `dot_product_attention` -> `KVCache`
+  -> `RMSNorm`, `Attention`, `MLP` -> `DecoderLayer` -> `TextModel` -> `get_rope_index`
+  -> `Qwen25VL` (vision tower + image-feature merge + text model + lm head).
+
+Parameter trees mirror the Hugging Face names so that loading a checkpoint is a rename
+(`twinbrain_jax.models.hf_loading`): `model/embed_tokens/embedding`, `model/layers_{i}/
+{input_layernorm, self_attn/{q,k,v,o}_proj, post_attention_layernorm, mlp/{gate,up,down}_proj}`,
+`model/norm`, `lm_head`, `visual/...`.
+
+Logical axes (sharding scheme, shared with the vision tower): projection kernels keep their head
+axes (einsum projections, `EinsumDense`): q `[embed, heads, kv]`, k/v `[embed, kv_heads, kv]`, o
+`[heads, kv, embed]` (biases `[heads, kv]` / `[kv_heads, kv]`); gate/up `[embed, mlp]`, down
+`[mlp, embed]`; the token embedding `[vocab, embed]`, an untied lm head `[embed, vocab]`, norm
+scales `[norm]`. Tensor parallelism thus always splits on head boundaries. Activations are
+constrained as `(batch, length, embed)`, `(batch, length, heads, kv)` and
+`(batch, length, vocab)`.
+
+The per-layer split used by AsyMoT joint attention: `DecoderLayer.qkv` (norm, projections, RoPE)
+and `DecoderLayer.out` (o_proj, residual, MLP), with the pure `dot_product_attention` in between;
+`DecoderLayer.__call__` is exactly `qkv -> dot_product_attention -> out`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from twinbrain_jax.models.qwen25vl_vision import EinsumDense, VisionConfig, VisionTower
+
+Dtype = Any
+
+_INIT_STD = 0.02  # HF `initializer_range`.
+
+
+def _get(d: Mapping[str, Any], key: str, where: str) -> Any:
+  if key not in d:
+    raise KeyError(f"{where} has no field {key!r}; is this a Qwen2.5-VL config?")
+  return d[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """The language model's sizes (field names follow the HF `text_config`)."""
+  hidden_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  intermediate_size: int
+  vocab_size: int
+  tie_word_embeddings: bool
+  mrope_section: tuple[int, ...]
+  rope_theta: float = 1e6
+  rms_norm_eps: float = 1e-6
+  hidden_act: str = "silu"
+  max_position_embeddings: int = 128000
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"TextConfig: hidden_size={self.hidden_size} is not divisible by "
+          f"num_attention_heads={self.num_attention_heads}.")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"TextConfig: num_attention_heads={self.num_attention_heads} is not a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention).")
+    if sum(self.mrope_section) != self.head_dim // 2:
+      raise ValueError(
+          f"TextConfig: mrope_section={list(self.mrope_section)} sums to "
+          f"{sum(self.mrope_section)} but must sum to head_dim/2 = {self.head_dim // 2}.")
+    if self.hidden_act != "silu":
+      raise ValueError(f"TextConfig: hidden_act={self.hidden_act!r} is not supported; use 'silu'.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def from_config_dict(cls, cd: Mapping[str, Any]) -> TextConfig:
+    """From the `text` block of `backbone_presets.backbone_preset(...)`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = dict(cd)
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+      raise ValueError(f"Unknown text config field(s) {unknown}; known: {sorted(names)}.")
+    kwargs["mrope_section"] = tuple(int(s) for s in _get(cd, "mrope_section", "text config"))
+    return cls(**kwargs)
+
+  @classmethod
+  def from_hf(cls, d: Mapping[str, Any], tie_word_embeddings: bool | None = None) -> TextConfig:
+    """From an HF text config dict (`text_config`, or the flat top level of older files)."""
+    where = "config.json text config"
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", d.get("rope_theta", 1e6))
+    if "mrope_section" not in rope:
+      raise KeyError(f"{where} has no `mrope_section` in rope_parameters / rope_scaling; "
+                     "is this a Qwen2.5-VL config?")
+    if tie_word_embeddings is None:
+      tie_word_embeddings = d.get("tie_word_embeddings", False)
+    return cls(
+        hidden_size=int(_get(d, "hidden_size", where)),
+        num_hidden_layers=int(_get(d, "num_hidden_layers", where)),
+        num_attention_heads=int(_get(d, "num_attention_heads", where)),
+        num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+        intermediate_size=int(_get(d, "intermediate_size", where)),
+        vocab_size=int(_get(d, "vocab_size", where)),
+        tie_word_embeddings=bool(tie_word_embeddings),
+        mrope_section=tuple(int(s) for s in rope["mrope_section"]),
+        rope_theta=float(theta),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        hidden_act=str(d.get("hidden_act", "silu")),
+        max_position_embeddings=int(d.get("max_position_embeddings", 128000)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+  """The whole model: text and vision sizes plus the special-token ids."""
+  text: TextConfig
+  vision: VisionConfig
+  image_token_id: int
+  video_token_id: int
+  vision_start_token_id: int
+  vision_end_token_id: int
+
+  @classmethod
+  def from_config_dict(cls, cd: Mapping[str, Any]) -> Qwen25VLConfig:
+    """From `config.model.backbone` (a `backbone_presets.backbone_preset(...)` block)."""
+    return cls(
+        text=TextConfig.from_config_dict(_get(cd, "text", "backbone config")),
+        vision=VisionConfig.from_config_dict(_get(cd, "vision", "backbone config")),
+        **{k: int(_get(cd, k, "backbone config")) for k in _TOKEN_ID_FIELDS})
+
+  @classmethod
+  def from_hf(cls, d: Mapping[str, Any]) -> Qwen25VLConfig:
+    """From a parsed HF `config.json`, either layout.
+
+    Newer files nest the language model under `text_config`; older ones (the released
+    Qwen2.5-VL checkpoints) put its fields at the top level with `rope_scaling`.
+    """
+    d = dict(d)
+    text_dict = d.get("text_config") or d
+    # The top level says whether embeddings are tied in both layouts; older files may only
+    # carry it inside text_config.
+    tie = d.get("tie_word_embeddings")
+    if tie is None or (not tie and text_dict.get("tie_word_embeddings")):
+      tie = bool(text_dict.get("tie_word_embeddings", False))
+    ids = {k: int(d.get(k, text_dict.get(k, _QWEN_DEFAULT_IDS[k]))) for k in _TOKEN_ID_FIELDS}
+    return cls(
+        text=TextConfig.from_hf(text_dict, tie_word_embeddings=tie),
+        vision=VisionConfig.from_hf(_get(d, "vision_config", "config.json")),
+        **ids)
+
+
+_TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id",
+                    "vision_end_token_id")
+# HF's defaults when a config.json leaves the ids out (the released tokenizer's ids).
+_QWEN_DEFAULT_IDS = dict(image_token_id=151655, video_token_id=151656,
+                         vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multimodal rotary embedding (M-RoPE).
+
+
+def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
+                  mrope_section: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """Cos/sin tables of M-RoPE.
+
+  The `head_dim / 2` rotary frequencies are split into `mrope_section` groups; group i takes
+  its angle from position axis i (temporal, height, width). The table repeats over the two
+  halves of the head dimension (the rotate-half convention).
+
+  Args:
+    position_ids: [3, B, L] integer positions (temporal, height, width).
+    head_dim: D, the attention head size.
+    theta: the rotary base.
+    mrope_section: frequencies per axis, summing to D / 2.
+
+  Returns:
+    cos, sin: [B, L, D] float32.
+  """
+  half = head_dim // 2
+  if sum(mrope_section) != half:
+    raise ValueError(f"mrope_section={list(mrope_section)} must sum to head_dim/2={half}.")
+  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  # Which position axis drives each frequency: [D/2] in {0, 1, 2}.
+  axis_of_freq = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
+  positions = jnp.asarray(position_ids).astype(jnp.float32)  # [3, B, L]
+  positions = jnp.moveaxis(positions[axis_of_freq], 0, -1)  # [B, L, D/2]
+  angles = positions * jnp.asarray(inv_freq, jnp.float32)  # [B, L, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)  # [B, L, D]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates `x` [B, L, H, D] by the angles of cos/sin [B, L, D] (rotate-half convention)."""
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Masked scaled dot-product attention with grouped-query heads.
+
+  Query head `h` reads key/value head `h // (Hq // Hkv)` (HF's `repeat_kv` order). Logits and
+  softmax are computed in float32. A query row whose mask is all False returns zeros.
+
+  Args:
+    q: [B, Lq, Hq, D] queries (RoPE already applied).
+    k: [B, Lk, Hkv, D] keys (RoPE already applied).
+    v: [B, Lk, Hkv, D] values.
+    mask: [B, Lq, Lk] bool, True where query i may attend to key j.
+
+  Returns:
+    [B, Lq, Hq, D] in the dtype of `v`.
+  """
+  batch, q_len, num_q_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  if num_q_heads % num_kv_heads:
+    raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads.")
+  groups = num_q_heads // num_kv_heads
+  q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q.astype(jnp.float32), k.astype(jnp.float32))
+  logits = logits * (head_dim ** -0.5)
+  mask = mask[:, None, None, :, :]  # [B, 1, 1, Lq, Lk]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  # Fully masked rows (left padding) would be uniform over masked keys; make them zero.
+  probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
+  return out.reshape(batch, q_len, num_q_heads, head_dim)
+
+
+@struct.dataclass
+class LayerKV:
+  """One layer's key/value cache.
+
+  Attributes:
+    k: [B, S, Hkv, D] keys (RoPE applied) for S cache slots.
+    v: [B, S, Hkv, D] values.
+    index: [] int32, the first slot not yet written.
+  """
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+
+  def update(self, k_new: jax.Array, v_new: jax.Array) -> LayerKV:
+    """Writes [B, L, Hkv, D] keys/values at slots `index .. index + L - 1`."""
+    start = (0, self.index, 0, 0)
+    return LayerKV(k=jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), start),
+                   v=jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), start),
+                   index=self.index + k_new.shape[1])
+
+
+@struct.dataclass
+class KVCache:
+  """Key/value cache of the whole text model.
+
+  Slots are filled left to right for the whole batch at once, so a left-padded prefill keeps
+  its padding slots; `key_mask` records which slots hold real tokens.
+
+  Attributes:
+    layers: one `LayerKV` per decoder layer.
+    key_mask: [B, S] bool, True for slots holding a valid (non-padding) token.
+  """
+  layers: tuple[LayerKV, ...]
+  key_mask: jax.Array
+
+  @property
+  def index(self) -> jax.Array:
+    """[] int32, how many slots are filled."""
+    return self.layers[0].index
+
+  @classmethod
+  def init(cls, config: TextConfig, batch_size: int, max_length: int,
+           dtype: Dtype = jnp.float32) -> KVCache:
+    """An empty cache of `max_length` slots."""
+    shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    layer = lambda: LayerKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                            index=jnp.zeros((), jnp.int32))
+    return cls(layers=tuple(layer() for _ in range(config.num_hidden_layers)),
+               key_mask=jnp.zeros((batch_size, max_length), bool))
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+  """[B, L] validity (1 = token, 0 = padding) -> [B, L, L] causal mask over valid keys."""
+  valid = attention_mask.astype(bool)
+  length = valid.shape[1]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  return causal[None, :, :] & valid[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+def _dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, param_dtype: Dtype,
+           name: str | None = None) -> nn.Dense:
+  """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)), name=name)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32 (as HF does), scale applied in the compute dtype."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """The q/k/v/o projections of one decoder layer (q/k/v with bias, o without)."""
+  config: TextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    e, hq, hkv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    # Kernels keep their head axes (created in their final shape, so the logical names apply).
+    self.q_proj = EinsumDense("ble,ehd->blhd", (e, hq, d), ("embed", "heads", "kv"), **kw)
+    self.k_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"), **kw)
+    self.v_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"), **kw)
+    self.o_proj = EinsumDense("blhd,hde->ble", (hq, d, e), ("heads", "kv", "embed"),
+                              contracted=2, use_bias=False, **kw)
+
+  def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, L, E] -> q [B, L, Hq, D], k and v [B, L, Hkv, D], RoPE applied to q and k."""
+    q = nn.with_logical_constraint(apply_rope(self.q_proj(x), cos, sin),
+                                   ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(apply_rope(self.k_proj(x), cos, sin),
+                                   ("batch", "length", "kv_heads", "kv"))
+    v = nn.with_logical_constraint(self.v_proj(x), ("batch", "length", "kv_heads", "kv"))
+    return q, k, v
+
+  def project_out(self, attn: jax.Array) -> jax.Array:
+    """attn [B, L, Hq, D] -> [B, L, E]."""
+    return self.o_proj(attn)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+  config: TextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = _dense(c.intermediate_size, ("embed", "mlp"), False, name="gate_proj", **kw)(x)
+    up = _dense(c.intermediate_size, ("embed", "mlp"), False, name="up_proj", **kw)(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return _dense(c.hidden_size, ("mlp", "embed"), False, name="down_proj", **kw)(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """A Qwen2 pre-norm decoder layer, split into the halves that joint attention needs.
+
+  `__call__(hidden, cos, sin, mask, cache)` = `qkv` -> `dot_product_attention` -> `out`.
+  """
+  config: TextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
+    self.self_attn = Attention(c, **kw)
+    self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
+    self.mlp = MLP(c, **kw)
+
+  def qkv(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Input RMSNorm, q/k/v projections, RoPE.
+
+    Args:
+      hidden: [B, L, E] the residual stream entering the layer.
+      cos, sin: [B, L, D] from `mrope_cos_sin`.
+
+    Returns:
+      q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D].
+    """
+    return self.self_attn.project_qkv(self.input_layernorm(hidden), cos, sin)
+
+  def out(self, hidden: jax.Array, attn: jax.Array) -> jax.Array:
+    """o_proj + residual, then post-attention RMSNorm, SwiGLU MLP + residual.
+
+    Args:
+      hidden: [B, L, E] the residual stream that entered the layer.
+      attn: [B, L, Hq, D] the attention output for the layer's queries.
+
+    Returns:
+      [B, L, E] the residual stream leaving the layer.
+    """
+    hidden = hidden + self.self_attn.project_out(attn)
+    hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+    return nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
+
+  def __call__(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               cache: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
+    """One layer.
+
+    Args:
+      hidden: [B, L, E].
+      cos, sin: [B, L, D].
+      mask: [B, L, L] without a cache; [B, L, S] over the cache slots with one.
+      cache: this layer's `LayerKV`; the new keys/values are written at `cache.index`.
+
+    Returns:
+      ([B, L, E], the updated cache or None).
+    """
+    q, k, v = self.qkv(hidden, cos, sin)
+    if cache is not None:
+      cache = cache.update(k, v)
+      k, v = cache.k, cache.v
+    return self.out(hidden, dot_product_attention(q, k, v, mask)), cache
+
+
+# Gradient checkpointing of each decoder layer: what the backward pass may keep.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def check_remat_policy(policy: str) -> None:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}.")
+
+
+class TextModel(nn.Module):
+  """The Qwen2 language model: token embedding, decoder layers, final RMSNorm.
+
+  `remat_policy` (see `REMAT_POLICIES`) recomputes each layer's halves (`qkv`, `out`) in the
+  backward pass, also when AsyMoT drives them one by one.
+  """
+  config: TextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed_tokens = nn.Embed(
+        c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(_INIT_STD), ("vocab", "embed")), **kw)
+    check_remat_policy(self.remat_policy)
+    layer_cls = DecoderLayer
+    if self.remat_policy != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy],
+                           methods=("qkv", "out"))
+    self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
+    self.norm = RMSNorm(c.rms_norm_eps, **kw)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[B, L] token ids -> [B, L, E] embeddings."""
+    return self.embed_tokens(input_ids)
+
+  def rotary(self, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[3, B, L] positions -> cos, sin [B, L, D]."""
+    c = self.config
+    return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
+
+  def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
+               attention_mask: jax.Array, cache: KVCache | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder.
+
+    Args:
+      inputs_embeds: [B, L, E].
+      position_ids: [3, B, L] M-RoPE positions (see `get_rope_index`).
+      attention_mask: [B, L], 1 for tokens and 0 for padding (left or right). With a cache it
+        covers only the L new tokens; the cache remembers the earlier ones.
+      cache: a `KVCache`; the L new tokens go to slots `cache.index ..`, so a prefill followed by
+        single-token steps reproduces the full forward.
+
+    Returns:
+      (final-norm hidden states [B, L, E], the updated cache or None).
+    """
+    hidden = nn.with_logical_constraint(inputs_embeds.astype(self.dtype),
+                                        ("batch", "length", "embed"))
+    cos, sin = self.rotary(position_ids)
+    if cache is None:
+      mask = causal_padding_mask(attention_mask)
+      layer_caches = [None] * len(self.layers)
+    else:
+      start = cache.index
+      key_mask = jax.lax.dynamic_update_slice(
+          cache.key_mask, attention_mask.astype(bool), (0, start))
+      length, slots = hidden.shape[1], key_mask.shape[1]
+      # Query i sits at slot start + i; it sees valid slots up to its own.
+      causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(length))[:, None]
+      mask = causal[None] & key_mask[:, None, :]
+      layer_caches = list(cache.layers)
+    for i, layer in enumerate(self.layers):
+      hidden, layer_caches[i] = layer(hidden, cos, sin, mask, layer_caches[i])
+    if cache is not None:
+      cache = KVCache(layers=tuple(layer_caches), key_mask=key_mask)
+    return self.norm(hidden), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Multimodal position ids.
+
+
+def get_rope_index(input_ids: np.ndarray, image_grid_thw: np.ndarray | None,
+                   attention_mask: np.ndarray | None, config: Qwen25VLConfig
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """M-RoPE position ids of a batch of prompts with images (HF `get_rope_index` semantics).
+
+  Text tokens get equal ids on the three axes, counting on from the previous token. An image of
+  merged grid (t, h, w) placed after text ending at position p gets (p + t_i, p + h_i, p + w_i)
+  for its tokens in row-major order, and the text after it continues at p + max(h, w).
+  Padding (attention_mask 0) gets position 0. Images are consumed in order across the batch,
+  one per run of `image_token_id` tokens of the image's merged size.
+
+  Args:
+    input_ids: [B, L] int.
+    image_grid_thw: [n_images, 3] patch grids (before merging), or None for text only.
+    attention_mask: [B, L] with 1 for tokens, 0 for padding, or None (all valid).
+    config: the model config (token ids, spatial merge size).
+
+  Returns:
+    position_ids: [3, B, L] int32.
+    rope_deltas: [B, 1] int32, `max position + 1 - number of valid tokens`; the next generated
+      token of sample b sits at position `n_valid_b + rope_deltas[b]`.
+  """
+  input_ids = np.asarray(input_ids)
+  batch, length = input_ids.shape
+  mask = np.ones_like(input_ids, bool) if attention_mask is None else (
+      np.asarray(attention_mask).astype(bool))
+  merge = config.vision.spatial_merge_size
+  grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else (
+      np.asarray(image_grid_thw, np.int64).reshape(-1, 3))
+  next_image = 0
+  position_ids = np.zeros((3, batch, length), np.int32)
+  deltas = np.zeros((batch, 1), np.int32)
+  for b in range(batch):
+    ids = input_ids[b][mask[b]]
+    is_image = ids == config.image_token_id
+    pieces, current, i = [], 0, 0
+    while i < len(ids):
+      if not is_image[i]:
+        j = i
+        while j < len(ids) and not is_image[j]:
+          j += 1
+        pieces.append(np.broadcast_to(np.arange(current, current + j - i), (3, j - i)))
+        current += j - i
+        i = j
+        continue
+      if next_image >= len(grids):
+        raise ValueError(
+            f"Sample {b} has more runs of image tokens (id {config.image_token_id}) than the "
+            f"{len(grids)} grids in image_grid_thw; pass one grid per image, in order.")
+      t, h, w = (int(x) for x in grids[next_image])
+      next_image += 1
+      grid_t, grid_h, grid_w = t, h // merge, w // merge
+      num_tokens = grid_t * grid_h * grid_w
+      if i + num_tokens > len(ids) or not is_image[i:i + num_tokens].all():
+        raise ValueError(
+            f"Sample {b}: image {next_image - 1} with grid {(t, h, w)} needs {num_tokens} "
+            f"consecutive image tokens at valid position {i}, but the run is shorter. Expand "
+            "each image placeholder to t*h*w/merge**2 tokens.")
+      tt, hh, ww = np.meshgrid(np.arange(grid_t), np.arange(grid_h), np.arange(grid_w),
+                               indexing="ij")
+      pieces.append(np.stack([tt, hh, ww]).reshape(3, -1) + current)
+      current += max(h, w) // merge
+      i += num_tokens
+    if pieces:
+      positions = np.concatenate(pieces, axis=1)
+      position_ids[:, b, mask[b]] = positions
+      deltas[b, 0] = positions.max() + 1 - len(ids)
+  if next_image != len(grids):
+    raise ValueError(
+        f"image_grid_thw has {len(grids)} grids but the prompts hold {next_image} images "
+        f"(runs of token {config.image_token_id}); pass exactly one grid per image.")
+  return position_ids, deltas
+
+
+def text_position_ids(attention_mask: np.ndarray) -> np.ndarray:
+  """[B, L] validity -> [3, B, L] positions of a text-only batch (padding at 0)."""
+  mask = np.asarray(attention_mask).astype(bool)
+  positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+  return np.broadcast_to(positions[None], (3, *mask.shape)).copy()
+
+
+def decode_position_ids(num_valid: jax.Array, rope_deltas: jax.Array) -> jax.Array:
+  """Positions of the next generated token, text after the prompt (HF semantics).
+
+  Args:
+    num_valid: [B] number of valid tokens so far (prompt + generated), i.e. the new token's
+      index among valid tokens.
+    rope_deltas: [B, 1] from `get_rope_index` of the prompt.
+
+  Returns:
+    [3, B, 1] int32.
+  """
+  positions = jnp.asarray(num_valid, jnp.int32)[:, None] + jnp.asarray(rope_deltas, jnp.int32)
+  return jnp.broadcast_to(positions[None], (3, *positions.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# The full model.
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+class Qwen25VL(nn.Module):
+  """Qwen2.5-VL: vision tower, image features merged into the token embeddings, text model,
+  lm head (tied to the embedding matrix when `tie_word_embeddings`)."""
+  config: Qwen25VLConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.visual = VisionTower(self.config.vision, remat=self.remat_policy != "none", **kw)
+    self.model = TextModel(self.config.text, remat_policy=self.remat_policy, **kw)
+    if not self.config.text.tie_word_embeddings:
+      self.lm_head = _dense(self.config.text.vocab_size, ("embed", "vocab"), False, **kw)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, L, E] final-norm hidden states -> [B, L, vocab] logits."""
+    if self.config.text.tie_word_embeddings:
+      logits = self.model.embed_tokens.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None,
+                   image_grid_thw: np.ndarray | None) -> jax.Array:
+    """Token embeddings with the image-token positions replaced by the vision features.
+
+    Args:
+      input_ids: [B, L] with one `image_token_id` per merged image token.
+      pixel_values: [N, C*T*p*p] flattened patches of all images, or None.
+      image_grid_thw: [n_images, 3] static host numpy grids.
+
+    Returns:
+      [B, L, E] embeddings.
+    """
+    embeds = self.model.embed(input_ids)
+    if pixel_values is None:
+      return embeds
+    if image_grid_thw is None:
+      raise ValueError("pixel_values were given without image_grid_thw; pass both.")
+    features = self.visual(pixel_values, np.asarray(image_grid_thw))  # [N_tok, E]
+    is_image = (input_ids == self.config.image_token_id).reshape(-1)  # [B*L]
+    if _is_concrete(input_ids):
+      count = int(np.asarray(is_image).sum())
+      if count != features.shape[0]:
+        raise ValueError(
+            f"The prompts hold {count} image tokens (id {self.config.image_token_id}) but the "
+            f"images give {features.shape[0]} merged features; expand each image placeholder "
+            "to t*h*w/merge**2 tokens.")
+    # The k-th image token takes the k-th feature (features are in prompt order).
+    feature_index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
+    batch, length, width = embeds.shape
+    flat = jnp.where(is_image[:, None], features[feature_index].astype(embeds.dtype),
+                     embeds.reshape(batch * length, width))
+    return flat.reshape(batch, length, width)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+               pixel_values: jax.Array | None = None, image_grid_thw: np.ndarray | None = None,
+               position_ids: jax.Array | None = None, cache: KVCache | None = None
+               ) -> dict[str, Any]:
+    """Forward pass.
+
+    Args:
+      input_ids: [B, L] int token ids with expanded image placeholders.
+      attention_mask: [B, L], 1 for tokens, 0 for padding.
+      pixel_values: [N, C*T*p*p] float patches of all images in prompt order, or None.
+      image_grid_thw: [n_images, 3] int host numpy (static: it shapes the vision tower).
+      position_ids: [3, B, L]; when None they are computed with `get_rope_index`, which needs
+        concrete `input_ids` and `attention_mask` (outside `jit`, or pass them in).
+      cache: an optional `KVCache` (prefill / decode).
+
+    Returns:
+      dict(logits [B, L, vocab], hidden_states [B, L, E] (final norm), cache).
+    """
+    if position_ids is None:
+      if cache is not None and not (_is_concrete(cache.index) and int(cache.index) == 0):
+        raise ValueError(
+            "With a filled KVCache, pass position_ids for the new tokens: "
+            "decode_position_ids(num_valid, rope_deltas) after get_rope_index of the prompt.")
+      if not (_is_concrete(input_ids) and _is_concrete(attention_mask)):
+        raise ValueError(
+            "position_ids=None needs concrete input_ids and attention_mask to run get_rope_index; "
+            "under jit, compute position_ids with get_rope_index outside and pass them in.")
+      position_ids, _ = get_rope_index(np.asarray(input_ids), image_grid_thw,
+                                       np.asarray(attention_mask), self.config)
+    embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+    hidden, cache = self.model(embeds, position_ids, attention_mask, cache)
+    return dict(logits=self.logits(hidden), hidden_states=hidden, cache=cache)
+
+
+def dummy_inputs(config: Qwen25VLConfig, batch_size: int = 1) -> dict[str, Any]:
+  """Smallest valid inputs (one 2x2-merged-unit image) for `init` / `jax.eval_shape`."""
+  v = config.vision
+  side = 2 * v.spatial_merge_size
+  grid = np.array([[1, side, side]], np.int64)
+  num_patches = side * side
+  num_tokens = num_patches // v.spatial_merge_size ** 2
+  patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+  ids = np.full((batch_size, num_tokens + 1), config.image_token_id, np.int32)
+  ids[:, 0] = config.vision_start_token_id
+  pixel_values = np.zeros((batch_size * num_patches, patch_dim), np.float32)
+  return dict(input_ids=ids, attention_mask=np.ones_like(ids),
+              pixel_values=pixel_values, image_grid_thw=np.tile(grid, (batch_size, 1)))
+
+
+def init_params(model: Qwen25VL, rng: jax.Array) -> Any:
+  """Boxed (logically annotated) parameters of `model`, from `dummy_inputs`."""
+  inputs = dummy_inputs(model.config)
+  return model.init(rng, **inputs)["params"]
