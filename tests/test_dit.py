@@ -3,7 +3,6 @@ annotations, analytic FLOPs, and a small overfitting run through the loss and th
 
 import dataclasses
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -13,6 +12,7 @@ import optax
 import pytest
 
 from configs.twinbrain import LOGICAL_AXIS_RULES
+from fixtures_flops import dot_general_flops
 from twinbrain_jax import flow_matching as fm
 from twinbrain_jax import sharding
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, action_expert_flops,
@@ -252,24 +252,6 @@ def test_config_from_config_dict():
     ActionExpertConfig.from_config_dict(dict(num_layer=4))
 
 
-def _dot_general_flops(jaxpr) -> int:
-  """2 * m * n * k summed over every dot_general in a jaxpr (recursing into sub-jaxprs)."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      lhs, rhs = (v.aval.shape for v in eqn.invars)
-      (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
-      free_rhs = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-      total += 2 * math.prod(lhs) * math.prod(free_rhs)
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          total += _dot_general_flops(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          total += _dot_general_flops(sub)
-  return total
-
-
 @pytest.mark.parametrize("overrides", [{}, dict(state_dim=0, num_future_tokens=0),
                                        dict(interleave_self_attention=False, num_layers=2)])
 def test_analytic_flops_match_the_traced_matmuls(overrides):
@@ -279,13 +261,13 @@ def test_analytic_flops_match_the_traced_matmuls(overrides):
   model, _, params = _init(config, inputs)
   traced = jax.make_jaxpr(lambda p, x: model.apply(
       p, x["noisy_actions"], x["t"], context=x["context"], state=x["state"]))(params, inputs)
-  assert action_expert_flops(config, BATCH, CONTEXT_LEN) == _dot_general_flops(traced.jaxpr)
+  assert action_expert_flops(config, BATCH, CONTEXT_LEN) == dot_general_flops(traced.jaxpr)
 
   kv = model.apply(params, inputs["context"], method=ActionExpert.context_kv)
   cached = jax.make_jaxpr(lambda p, kv, x: model.apply(
       p, x["noisy_actions"], x["t"], context_kv=kv, state=x["state"]))(params, kv, inputs)
   assert (action_expert_flops(config, BATCH, CONTEXT_LEN, include_context_kv=False)
-          == _dot_general_flops(cached.jaxpr))
+          == dot_general_flops(cached.jaxpr))
 
 
 def test_tiny_expert_overfits_a_fixed_batch_and_samples_its_actions():

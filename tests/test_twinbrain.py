@@ -8,11 +8,13 @@ import numpy as np
 import optax
 import pytest
 
+from fixtures_flops import dot_general_flops
 from fixtures_twinbrain import make_obs, tiny_config
 from twinbrain_jax.models import asymot
 from twinbrain_jax.models.qwen25vl import Qwen25VL
 from twinbrain_jax.models.twinbrain import (TwinBrainVLA, compute_loss, init_right_from_left,
-                                            sample_actions)
+                                            sample_actions, synthetic_observation,
+                                            train_step_flops)
 
 
 def _init(config, obs, grid, seed=0):
@@ -225,3 +227,20 @@ def test_remat_gives_the_same_loss_and_gradients(tiny, policy):
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads["right"]), jax.tree.leaves(remat_grads["right"])):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["twinbrain", "monolithic"])
+def test_analytic_brain_flops_match_the_traced_matmuls(variant):
+  """`train_step_flops`' forward brain FLOPs equal the dot_general FLOPs of the traced brains."""
+  config = tiny_config(variant=variant)
+  obs, grid = synthetic_observation(config, (24, 20), (1, 16, 16))
+  model = TwinBrainVLA(config)
+  noisy, t = jnp.zeros((2, 16, 7)), jnp.zeros(2)
+  params = jax.eval_shape(lambda r: model.init(r, obs, grid, noisy, t)["params"], jax.random.key(0))
+  traced = jax.make_jaxpr(lambda p, o: model.apply({"params": p}, o, grid,
+                                                   method=TwinBrainVLA.brains))(params, obs)
+  flops = train_step_flops(config, 2, obs["left_input_ids"].shape[1],
+                           obs["right_input_ids"].shape[1], 256, num_repeats=1)
+  # `right` counts forward + backward (3x the forward); the frozen left brain only its forward.
+  assert flops["left"] + flops["right"] // 3 == dot_general_flops(traced.jaxpr)
+  assert (flops["left"] == 0) == (variant == "monolithic")

@@ -309,7 +309,7 @@ def _text_forward_flops(text: Any, queries: int, keys: int) -> int:
   projections = e * d * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
   mlp = 3 * e * text.intermediate_size
   attention = 2 * keys * text.num_attention_heads * d
-  return 2 * text.num_hidden_layers * queries * (projections + mlp + attention // 2)
+  return 2 * text.num_hidden_layers * queries * (projections + mlp + attention)
 
 
 def _vision_forward_flops(vision: Any, patches_per_image: int, num_images: int) -> int:
@@ -339,7 +339,7 @@ def train_step_flops(config: TwinBrainConfig, batch: int, left_len: int, right_l
   bb, expert = config.backbone, config.action_expert
   twin = config.variant == "twinbrain"
   vision = _vision_forward_flops(bb.vision, patches_per_image, batch)
-  # Causal attention reads on average half of the keys; count the full square as peers do.
+  # Attention counts every key (the full square, as computed), not the causal half.
   left = (vision + _text_forward_flops(bb.text, batch * left_len, left_len)) if twin else 0
   right = vision + _text_forward_flops(bb.text, batch * right_len,
                                        right_len + (left_len if twin else 0))
