@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from twinbrain_jax import flow_matching
+from twinbrain_jax.models.layers import EinsumDense, dot_product_attention
 
 Dtype = Any
 # One `(key, value)` pair per cross-attention block, each `[B, Lc, heads, head_dim]`.
@@ -198,72 +199,6 @@ class EmbodimentMLP(nn.Module):
     return x
 
 
-def attention(query: jax.Array, key: jax.Array, value: jax.Array,
-              key_mask: jax.Array | None) -> jax.Array:
-  """Softmax attention, logits and softmax in float32.
-
-  Args:
-    query: `[B, L, H, K]`.
-    key, value: `[B, S, H, K]`.
-    key_mask: `[B, S]` bool, False for padding keys; None attends to all. A row whose keys are
-      all masked averages the values uniformly instead of producing NaN.
-
-  Returns:
-    `[B, L, H, K]` in the dtype of `query`.
-  """
-  logits = jnp.einsum("blhk,bshk->bhls", query, key,
-                      preferred_element_type=jnp.float32) / math.sqrt(query.shape[-1])
-  if key_mask is not None:
-    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  return jnp.einsum("bhls,bshk->blhk", weights, value).astype(query.dtype)
-
-
-class ToHeads(nn.Module):
-  """`[B, L, Din] -> [B, L, H, K]` with kernel `[Din, H, K]` (embed, heads, kv)."""
-  num_heads: int
-  head_dim: int
-  use_bias: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    # Explicit 3-D kernels: nn.DenseGeneral initialises a 2-D view, which trips the logical
-    # sharding constraint of a 3-name kernel under a mesh.
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv")),
-        (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
-    bias = self.param(
-        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
-        (self.num_heads, self.head_dim), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jnp.einsum("bld,dhk->blhk", x, kernel)
-    return y if bias is None else y + bias
-
-
-class FromHeads(nn.Module):
-  """`[B, L, H, K] -> [B, L, features]` with kernel `[H, K, features]` (heads, kv, embed)."""
-  features: int
-  use_bias: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
-        x.shape[-2:] + (self.features,), self.param_dtype)
-    bias = self.param(
-        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-        (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jnp.einsum("blhk,hkd->bld", x, kernel)
-    return y if bias is None else y + bias
-
-
 class Attention(nn.Module):
   """Multi-head attention whose key/value projection can run ahead of time (cached context).
 
@@ -273,16 +208,23 @@ class Attention(nn.Module):
   features: int
   num_heads: int
   head_dim: int
+  kv_features: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.query = ToHeads(self.num_heads, self.head_dim, name="query", **kw)
-    self.key = ToHeads(self.num_heads, self.head_dim, name="key", **kw)
-    self.value = ToHeads(self.num_heads, self.head_dim, name="value", **kw)
-    self.out = FromHeads(self.features, name="out", **kw)
+    heads = (self.num_heads, self.head_dim)
+    to_heads = lambda features, name: EinsumDense(
+        "bld,dhk->blhk", (features, *heads), ("embed", "heads", "kv"), name=name,
+        kernel_init=nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), **kw)
+    self.query = to_heads(self.features, "query")
+    self.key = to_heads(self.kv_features, "key")
+    self.value = to_heads(self.kv_features, "value")
+    self.out = EinsumDense("blhk,hkd->bld", (*heads, self.features), ("heads", "kv", "embed"),
+                           contracted=2, name="out", **kw,
+                           kernel_init=nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))
 
   def key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`x [B, S, Dkv]` -> `(k, v)`, each `[B, S, H, K]`."""
@@ -294,7 +236,11 @@ class Attention(nn.Module):
                key_mask: jax.Array | None = None) -> jax.Array:
     """`x [B, L, D]` attends to `kv` (cross-attention) or to itself when `kv` is None."""
     key, value = self.key_value(x) if kv is None else kv
-    return self.out(attention(self.query(x), key, value, key_mask))
+    query = self.query(x)
+    mask = jnp.ones(query.shape[:2] + key.shape[1:2], bool)  # [B, L, S]
+    if key_mask is not None:
+      mask &= key_mask[:, None, :].astype(bool)
+    return self.out(dot_product_attention(query, key, value, mask))
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -311,7 +257,9 @@ class DiTBlock(nn.Module):
 
   def setup(self):
     c = self.config
-    self.attn = Attention(c.width, c.num_heads, c.head_dim, use_bias=c.attention_bias,
+    self.attn = Attention(c.width, c.num_heads, c.head_dim,
+                          kv_features=c.context_dim if self.cross_attention else c.width,
+                          use_bias=c.attention_bias,
                           dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
 
   def context_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from twinbrain_jax.models.qwen25vl_vision import EinsumDense, VisionConfig, VisionTower
+from twinbrain_jax.models.layers import INIT_STD, EinsumDense, RMSNorm, dot_product_attention
+from twinbrain_jax.models.qwen25vl_vision import VisionConfig, VisionTower
 
 Dtype = Any
 
-_INIT_STD = 0.02  # HF `initializer_range`.
 
 
 def _get(d: Mapping[str, Any], key: str, where: str) -> Any:
@@ -219,38 +219,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # Attention.
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Masked scaled dot-product attention with grouped-query heads.
-
-  Query head `h` reads key/value head `h // (Hq // Hkv)` (HF's `repeat_kv` order). Logits and
-  softmax are computed in float32. A query row whose mask is all False returns zeros.
-
-  Args:
-    q: [B, Lq, Hq, D] queries (RoPE already applied).
-    k: [B, Lk, Hkv, D] keys (RoPE already applied).
-    v: [B, Lk, Hkv, D] values.
-    mask: [B, Lq, Lk] bool, True where query i may attend to key j.
-
-  Returns:
-    [B, Lq, Hq, D] in the dtype of `v`.
-  """
-  batch, q_len, num_q_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
-  if num_q_heads % num_kv_heads:
-    raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads.")
-  groups = num_q_heads // num_kv_heads
-  q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q.astype(jnp.float32), k.astype(jnp.float32))
-  logits = logits * (head_dim ** -0.5)
-  mask = mask[:, None, None, :, :]  # [B, 1, 1, Lq, Lk]
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  # Fully masked rows (left padding) would be uniform over masked keys; make them zero.
-  probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
-  return out.reshape(batch, q_len, num_q_heads, head_dim)
-
-
 @struct.dataclass
 class LayerKV:
   """One layer's key/value cache.
@@ -319,23 +287,8 @@ def _dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, p
   """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), axes),
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)), name=name)
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm computed in float32 (as HF does), scale applied in the compute dtype."""
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -479,7 +432,7 @@ class TextModel(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(_INIT_STD), ("vocab", "embed")), **kw)
+            nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw)
     check_remat_policy(self.remat_policy)
     layer_cls = DecoderLayer
     if self.remat_policy != "none":

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twinbrain_jax.models.layers import INIT_STD, EinsumDense, RMSNorm
+
 Dtype = Any
 
 # Defaults of HF's `Qwen2_5_VLVisionConfig` for keys a `config.json` may leave out.
@@ -233,51 +235,11 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 # Modules.
 
-_init = nn.initializers.normal(stddev=0.02)  # HF `initializer_range`.
+_init = nn.initializers.normal(stddev=INIT_STD)
 
 
 def _param(init, names):
   return nn.with_logical_partitioning(init, names)
-
-
-class EinsumDense(nn.Module):
-  """A projection `einsum(equation, x, kernel) + bias` whose kernel keeps its named axes.
-
-  The bias spans the kernel's output axes (those after the first `contracted` ones).
-  """
-  equation: str
-  kernel_shape: tuple[int, ...]
-  kernel_axes: tuple[str | None, ...]
-  contracted: int = 1
-  use_bias: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", _param(_init, self.kernel_axes), self.kernel_shape,
-                        self.param_dtype)
-    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", _param(nn.initializers.zeros, self.kernel_axes[self.contracted:]),
-                        self.kernel_shape[self.contracted:], self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm computed in fp32, cast back, then scaled (the reference's order)."""
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", _param(nn.initializers.ones, ("norm",)), (x.shape[-1],),
-                       self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return x32.astype(self.dtype) * scale.astype(self.dtype)
 
 
 class VisionAttention(nn.Module):
