@@ -72,6 +72,26 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
       num_future_tokens=32, hidden_dim=1024, dropout=0.2))
   # Flow matching: R noise draws per VLM forward; the ODE sampler.
   c.flow = ml_collections.ConfigDict(dict(num_repeats=4, num_steps=4, method="euler"))
+  # Initial weights: left and right brains from one HF Qwen2.5-VL dir (None = random init);
+  # the tokenizer dir defaults to the checkpoint's.
+  c.init = ml_collections.ConfigDict(dict(
+      hf_checkpoint=config_dict.placeholder(str), tokenizer=config_dict.placeholder(str)))
+  # Training (twinbrain_jax/training): the starVLA OXE recipe. Paths are relative to --workdir.
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=40_000, grad_accum_steps=1, log_every=50, eval_every=1000, eval_batches=8,
+      # Held-out data for validation: a TFDS dir with the same datasets (None = no validation).
+      eval_data_dir=config_dict.placeholder(str), eval_split="train",
+      # Dense bf16 peak of one H100 SXM, for MFU.
+      peak_flops_per_device=989e12, progress_bar=True,
+      tensorboard_dir="tensorboard"))
+  c.train.optimizer = ml_collections.ConfigDict(dict(
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-8, clip_norm=1.0, warmup_steps=5000,
+      min_lr=5e-7, lr=ml_collections.ConfigDict(dict(
+          right=1e-5, state_encoder=1e-4, action_expert=1e-4))))
+  # Orbax checkpoints: async, the last `keep_last` plus every `keep_every`-th step.
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      dir="checkpoints", every=1000, keep_last=3, keep_every=config_dict.placeholder(int),
+      async_save=True))
   return c
 
 
@@ -82,6 +102,13 @@ def _tiny():
   c.model.state_hidden_dim = 32
   c.model.action_expert.update(num_layers=2, num_heads=2, head_dim=16, num_future_tokens=4,
                                hidden_dim=32, dropout=0.0)
+  c.flow.num_repeats = 2
+  c.data.update(batch_size=8, read_threads=2, prefetch_batches=2)
+  c.train.update(num_steps=40, log_every=5, eval_every=20, eval_batches=2,
+                 peak_flops_per_device=1e11)  # ~ one CPU core's fp32 peak
+  c.train.optimizer.update(warmup_steps=5, lr=dict(right=1e-3, state_encoder=1e-3,
+                                                   action_expert=1e-3))
+  c.checkpoint.update(every=10, keep_last=2, keep_every=20)
   return c
 
 

@@ -1,0 +1,156 @@
+"""Inference bundles: what a policy needs, and nothing of training.
+
+    <bundle>/
+        params/            orbax checkpoint of the full `params` collection in one dtype
+        config.json        the resolved config (model, inputs, flow, data blocks)
+        norm_stats.json    dataset name -> norm stats (un-normalise the sampled actions)
+        tokenizer/         the tokenizer files
+
+`load_bundle` imports only the model, the tokenizer and orbax (no optimizer, no data pipeline),
+so a serving process can load a bundle without the training stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from twinbrain_jax.models.tokenizer import QwenTokenizer
+from twinbrain_jax.models.twinbrain import TwinBrainConfig, TwinBrainVLA
+
+PARAMS_DIR, CONFIG_FILE, NORM_STATS_FILE, TOKENIZER_DIR = (
+    "params", "config.json", "norm_stats.json", "tokenizer")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
+                  norm_stats: Mapping[str, Any], tokenizer_dir: str | os.PathLike,
+                  out_dir: str | os.PathLike, dtype: str = "bfloat16") -> pathlib.Path:
+  """Writes an inference bundle.
+
+  Args:
+    params: the model's full `params` collection (`TrainState.all_params()`), any sharding.
+    config: the resolved config as JSON data (`checkpoint.config_to_json`).
+    norm_stats: dataset name -> norm stats JSON (from the checkpoint).
+    tokenizer_dir: a directory holding `tokenizer.json` (every file in it is copied).
+    dtype: storage dtype of every parameter ("float32", "bfloat16", "float16").
+  """
+  if dtype not in _DTYPES:
+    raise ValueError(f"Unknown export dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
+  import orbax.checkpoint as ocp
+
+  out = pathlib.Path(out_dir).absolute()
+  if out.exists():
+    raise FileExistsError(f"{out} exists; export into a new directory.")
+  source = pathlib.Path(tokenizer_dir)
+  if not (source / "tokenizer.json").exists():
+    raise FileNotFoundError(f"{source} has no tokenizer.json; pass the run's tokenizer dir.")
+  out.mkdir(parents=True)
+  cast = jax.tree.map(lambda x: jnp.asarray(x, _DTYPES[dtype]), dict(params))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(out / PARAMS_DIR, cast)
+    checkpointer.wait_until_finished()
+  config = dict(config)
+  config["export"] = dict(dtype=dtype)
+  (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+  (out / NORM_STATS_FILE).write_text(json.dumps(dict(norm_stats)))
+  shutil.copytree(source, out / TOKENIZER_DIR)
+  return out
+
+
+@dataclasses.dataclass
+class Bundle:
+  """A loaded bundle: `sample_actions(bundle.model, bundle.params, obs, ...)` runs the policy."""
+  model: TwinBrainVLA
+  params: dict[str, Any]
+  config: ml_collections.ConfigDict
+  norm_stats: dict[str, Any]
+  tokenizer: QwenTokenizer
+
+
+def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) -> Bundle:
+  """Loads a bundle written by `export_bundle` onto the default device.
+
+  Args:
+    compute_dtype: the model's compute dtype; default the config's.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = pathlib.Path(directory).absolute()
+  for name in (PARAMS_DIR, CONFIG_FILE, NORM_STATS_FILE, TOKENIZER_DIR):
+    if not (directory / name).exists():
+      raise FileNotFoundError(f"{directory} is not an inference bundle: {name} is missing. "
+                              "Write one with scripts/export.py.")
+  config = ml_collections.ConfigDict(json.loads((directory / CONFIG_FILE).read_text()))
+  model_block = config.model
+  stored = config.export.dtype
+  model_block.update(param_dtype=stored, left_param_dtype=stored)
+  if compute_dtype is not None:
+    model_block.dtype = compute_dtype
+  model = TwinBrainVLA(TwinBrainConfig.from_config_dict(model_block))
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(directory / PARAMS_DIR)
+  params = jax.tree.map(jnp.asarray, params)
+  norm_stats = json.loads((directory / NORM_STATS_FILE).read_text())
+  return Bundle(model=model, params=params, config=config, norm_stats=norm_stats,
+                tokenizer=QwenTokenizer.from_file(directory / TOKENIZER_DIR))
+
+
+def unnormalize_actions(bundle: Bundle, actions: np.ndarray, dataset: str) -> np.ndarray:
+  """Model actions `[..., A]` in [-1, 1] -> raw actions of `dataset` with the bundle's stats."""
+  from twinbrain_jax.data import normalization, oxe_registry
+
+  if dataset not in bundle.norm_stats:
+    raise KeyError(f"The bundle has no norm stats for {dataset!r}; it has "
+                   f"{sorted(bundle.norm_stats)}.")
+  spec = oxe_registry.get_spec(dataset)
+  stats = normalization.ArrayStats.from_json(bundle.norm_stats[dataset]["action"])
+  return normalization.unnormalize(np.asarray(actions)[..., :spec.action_dim], stats,
+                                   spec.action_normalize_mask, spec.action_binarize_mask)
+
+
+def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                      dtype: str = "bfloat16", step: int | None = None,
+                      tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Exports the latest (or `step`'s) checkpoint of a training run as an inference bundle.
+
+  The config and norm stats come from the checkpoint itself; the params are restored onto all
+  local devices (`data` mesh axis) whatever mesh wrote them.
+  """
+  # The training stack is needed to read a train state, not to load a bundle.
+  from twinbrain_jax import sharding as sharding_lib
+  from twinbrain_jax.training import checkpoint as checkpoint_lib
+  from twinbrain_jax.training import optimizer as optimizer_lib
+  from twinbrain_jax.training import state as state_lib
+
+  checkpoint_config = ml_collections.ConfigDict(dict(keep_last=1000, keep_every=None,
+                                                     async_save=False))
+  manager = checkpoint_lib.make_manager(str(checkpoint_dir), checkpoint_config)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No complete checkpoint in {checkpoint_dir}.")
+  config_json, norm_stats = checkpoint_lib.read_metadata(manager, step)
+  config = ml_collections.ConfigDict(config_json)
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.logical_axis_rules(config.logical_axis_rules, mesh)
+  model = TwinBrainVLA(TwinBrainConfig.from_config_dict(config.model))
+  tx = optimizer_lib.make_optimizer(config.train)
+  abstract, _ = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
+  _, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=None,
+                                       config=config_json, step=step)
+  manager.close()
+  tokenizer_dir = tokenizer_dir or config.init.tokenizer or config.init.hf_checkpoint
+  if not tokenizer_dir:
+    raise ValueError("The run's config names no tokenizer dir; pass tokenizer_dir.")
+  return export_bundle(state.all_params(), config_json, norm_stats, tokenizer_dir, out_dir, dtype)

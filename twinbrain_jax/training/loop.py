@@ -1,0 +1,265 @@
+"""The training loop: data -> sharded step -> metrics, validation, checkpoints, preemption.
+
+    result = train(config, workdir)
+
+Resumes from the latest complete checkpoint in `<workdir>/<checkpoint.dir>` when there is one
+(train state, data position and all), so re-running the same command after a crash or a
+preemption continues the run; the losses after a resume are those of an uninterrupted run.
+SIGTERM makes the loop save at the next step boundary and return (`result.preempted`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from twinbrain_jax import sharding as sharding_lib
+from twinbrain_jax.config_lib import ConfigError
+from twinbrain_jax.data.pipeline import DataPipeline
+from twinbrain_jax.inputs import ModelInputs
+from twinbrain_jax.models.tokenizer import QwenTokenizer
+from twinbrain_jax.models.twinbrain import TwinBrainVLA, train_step_flops
+from twinbrain_jax.training import checkpoint as checkpoint_lib
+from twinbrain_jax.training import optimizer as optimizer_lib
+from twinbrain_jax.training import state as state_lib
+from twinbrain_jax.training import step as step_lib
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a `train` call did.
+
+  Attributes:
+    state: the final train state.
+    start_step: the step it started from (0, or the restored checkpoint's).
+    final_step: the step it stopped at.
+    losses: step -> training loss of every step it logged (step s = the loss of update s).
+    eval_losses: step -> validation loss.
+    preempted: it stopped on SIGTERM (after saving).
+    throughput: the last logged samples/s, tokens/s, TFLOP/s per device and MFU.
+  """
+  state: Any
+  start_step: int
+  final_step: int
+  losses: dict[int, float]
+  eval_losses: dict[int, float]
+  preempted: bool
+  throughput: dict[str, float]
+
+
+def image_size(data_config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The pipeline's image size after zero-padding to `data.pad_to_multiple`."""
+  multiple = int(data_config.pad_to_multiple) or 1
+  return tuple(int(math.ceil(s / multiple) * multiple) for s in data_config.image_size)
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
+  path = config.init.tokenizer or config.init.hf_checkpoint
+  if not path:
+    raise ConfigError("No tokenizer: set init.tokenizer (a dir with tokenizer.json) or "
+                      "init.hf_checkpoint.")
+  return path
+
+
+def model_inputs(config: ml_collections.ConfigDict) -> ModelInputs:
+  return ModelInputs(state_lib.model_config(config), QwenTokenizer.from_file(tokenizer_dir(config)),
+                     config.inputs.max_left_tokens, config.inputs.max_right_tokens,
+                     image_size(config.data))
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag read at step boundaries (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: no handler, no preemption saves.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _writer(logdir: str):
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter  # Imported lazily: only the chief writes.
+  return SummaryWriter(logdir)
+
+
+def _eval_pipeline(config: ml_collections.ConfigDict, train_pipeline: DataPipeline
+                   ) -> DataPipeline | None:
+  """The held-out pipeline, normalising with the training statistics (as the policy will)."""
+  if not config.train.eval_data_dir:
+    return None
+  eval_config = ml_collections.ConfigDict(config.data.to_dict())
+  eval_config.update(data_dir=config.train.eval_data_dir, split=config.train.eval_split,
+                     stats_dir=None)
+  pipeline = DataPipeline(eval_config, train=False)
+  for entry, train_entry in zip(pipeline.entries, train_pipeline.entries):
+    entry.stats = dataclasses.replace(entry.stats, action=train_entry.stats.action,
+                                      state=train_entry.stats.state)
+  return pipeline
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Args:
+    config: a `configs/twinbrain.py` config.
+    workdir: checkpoints, TensorBoard events (paths in the config are relative to it).
+    stop_after: stop (with a checkpoint) after this many steps of this call, as if preempted.
+    on_step: called with the step number after every step (tests use it to send signals).
+  """
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.logical_axis_rules(config.logical_axis_rules, mesh)
+  train_cfg = config.train
+  accum = int(train_cfg.grad_accum_steps)
+  step_lib.check_batch_size(int(config.data.batch_size), mesh, accum)
+  inputs = model_inputs(config)
+  model = TwinBrainVLA(inputs.config)
+  tx = optimizer_lib.make_optimizer(train_cfg)
+  schedules = optimizer_lib.group_schedules(train_cfg)
+  abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
+
+  pipeline = DataPipeline(config.data)
+  data_iter = pipeline.iterator()
+  eval_pipeline = _eval_pipeline(config, pipeline)
+  norm_stats = {name: stats.to_json() for name, stats in pipeline.norm_stats.items()}
+  config_json = checkpoint_lib.config_to_json(config)
+
+  manager = checkpoint_lib.make_manager(os.path.join(workdir, config.checkpoint.dir),
+                                        config.checkpoint)
+  if manager.latest_step() is not None:
+    start, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=data_iter,
+                                             config=config_json)
+    logging.info("Resumed from step %d of %s.", start, manager.directory)
+  else:
+    start = 0
+    state = state_lib.create_train_state(model, tx, mesh, rules, config.seed, shardings)
+    if config.init.hf_checkpoint:
+      state = state_lib.load_pretrained_backbones(state, shardings, inputs.config,
+                                                  config.init.hf_checkpoint, mesh, rules)
+
+  batch_size = int(config.data.batch_size)
+  grid = inputs.image_grid_thw(batch_size)
+  step_fn = step_lib.make_train_step(model, tx, grid, config.flow.num_repeats, accum, schedules)
+  flops = train_step_flops(inputs.config, batch_size, inputs.max_left_tokens,
+                           inputs.max_right_tokens, inputs.patches_per_image,
+                           config.flow.num_repeats)["total"]
+  tokens_per_step = batch_size * (inputs.max_left_tokens + inputs.max_right_tokens)
+  peak = float(train_cfg.peak_flops_per_device) * jax.device_count()
+
+  def next_batch(iterator):
+    return inputs(next(iterator))
+
+  writer = _writer(os.path.join(workdir, train_cfg.tensorboard_dir))
+  bar = None
+  if train_cfg.progress_bar and jax.process_index() == 0:
+    import tqdm
+    bar = tqdm.tqdm(total=train_cfg.num_steps, initial=start, desc="train", dynamic_ncols=True)
+  losses, eval_losses, throughput = {}, {}, {}
+  jitted = eval_step = batch_shardings = None
+  step, preempted, saved_step = start, False, start
+  interval_start, interval_steps = time.perf_counter(), 0
+
+  def save(force=False):
+    nonlocal saved_step
+    saved_step = step
+    checkpoint_lib.save(manager, step, state, data_iterator=data_iter, norm_stats=norm_stats,
+                        config=config_json, force=force)
+
+  with _Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    while step < train_cfg.num_steps:
+      if preemption.requested or (jax.process_count() > 1 and manager.reached_preemption(step)):
+        preempted = True
+        break
+      if stop_after is not None and step - start >= stop_after:
+        break
+      local = next_batch(data_iter)
+      if jitted is None:
+        batch_shardings = step_lib.batch_shardings(mesh, local)
+        jitted = step_lib.jit_train_step(step_fn, shardings, batch_shardings, mesh)
+      state, metrics = jitted(state, step_lib.global_batch(local, batch_shardings))
+      step += 1
+      interval_steps += 1
+      if on_step is not None:
+        on_step(step)
+
+      if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
+        metrics = jax.device_get(metrics)  # Waits for the step: timing covers the compute.
+        elapsed = time.perf_counter() - interval_start
+        per_step = elapsed / interval_steps
+        throughput = dict(step_time_s=per_step, samples_per_s=batch_size / per_step,
+                          tokens_per_s=tokens_per_step / per_step,
+                          tflops_per_device=flops / per_step / jax.device_count() / 1e12,
+                          mfu=flops / per_step / peak)
+        losses[step] = float(metrics["loss"])
+        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars.update(throughput)
+        if writer is not None:
+          for key, value in scalars.items():
+            writer.add_scalar(f"train/{key}", value, step)
+        if bar is not None:
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}", gnorm=f"{scalars['grad_norm']:.3f}",
+                          sps=f"{throughput['samples_per_s']:.1f}",
+                          mfu=f"{throughput['mfu']:.2%}")
+        logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        interval_start, interval_steps = time.perf_counter(), 0
+      if bar is not None:
+        bar.update(1)
+
+      if eval_pipeline is not None and (step % train_cfg.eval_every == 0
+                                        or step == train_cfg.num_steps):
+        if eval_step is None:
+          eval_step = step_lib.make_eval_step(model, grid, config.flow.num_repeats, shardings,
+                                              batch_shardings, mesh)
+        eval_iter = eval_pipeline.iterator()  # The same held-out batches every time.
+        values = [eval_step(state, step_lib.global_batch(next_batch(eval_iter), batch_shardings))
+                  for _ in range(int(train_cfg.eval_batches))]
+        eval_iter.close()
+        eval_losses[step] = float(np.mean(jax.device_get(values)))
+        if writer is not None:
+          writer.add_scalar("eval/loss", eval_losses[step], step)
+        logging.info("step %d: eval loss %.4f", step, eval_losses[step])
+        interval_start = time.perf_counter()  # Validation time is not step time.
+
+      if step % config.checkpoint.every == 0:
+        save()
+        interval_start = time.perf_counter()  # Nor is the blocking part of a save.
+
+    if saved_step != step or manager.latest_step() is None:
+      save(force=True)
+    manager.wait_until_finished()
+  manager.close()
+  data_iter.close()
+  if bar is not None:
+    bar.close()
+  if writer is not None:
+    writer.flush()
+    writer.close()
+  return TrainResult(state=state, start_step=start, final_step=step, losses=losses,
+                     eval_losses=eval_losses, preempted=preempted, throughput=throughput)

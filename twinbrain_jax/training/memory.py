@@ -1,0 +1,111 @@
+"""Memory plan: per-device bytes of a training run, before anything is allocated.
+
+Params, optimizer state and gradients come from the abstract (sharded) train state; the step's
+temporaries (activations kept for the backward pass, workspace) from XLA's ahead-of-time
+compilation of the real train step (`jit(...).lower(abstract...).compile().memory_analysis()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from twinbrain_jax import sharding as sharding_lib
+from twinbrain_jax.models.twinbrain import TwinBrainVLA
+from twinbrain_jax.training import optimizer as optimizer_lib
+from twinbrain_jax.training import state as state_lib
+from twinbrain_jax.training import step as step_lib
+from twinbrain_jax.training.loop import image_size
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+  """Bytes per device (the largest shard of each array)."""
+  mesh: dict[str, int]
+  batch_size: int
+  trainable_params: int
+  frozen_params: int
+  params_bytes: int  # trainable
+  frozen_bytes: int  # left brain
+  optimizer_bytes: int
+  gradient_bytes: int
+  temp_bytes: int | None  # compiled step temporaries (includes the gradients while live)
+  argument_bytes: int | None
+  output_bytes: int | None
+  alias_bytes: int | None  # donated inputs reused as outputs
+
+  @property
+  def total_bytes(self) -> int:
+    """Resident state (params, frozen, optimizer) + the step's temporaries (gradients are
+    among them); equals XLA's argument + output - alias + temp when compiled."""
+    resident = self.params_bytes + self.frozen_bytes + self.optimizer_bytes
+    if self.temp_bytes is None:
+      return resident + self.gradient_bytes
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, mesh) -> tuple[dict, np.ndarray]:
+  """`jax.ShapeDtypeStruct`s of a model batch (fixed prompt lengths, one image per sample)."""
+  model_config = state_lib.model_config(config)
+  vision = model_config.backbone.vision
+  height, width = image_size(config.data)
+  grid = np.tile(np.array([[1, height // vision.patch_size, width // vision.patch_size]],
+                          np.int64), (batch_size, 1))
+  patches = int(grid[0].prod())
+  left, right = config.inputs.max_left_tokens, config.inputs.max_right_tokens
+  expert = model_config.action_expert
+  shapes = dict(
+      left_input_ids=((batch_size, left), jnp.int32),
+      left_attention_mask=((batch_size, left), jnp.int32),
+      left_position_ids=((3, batch_size, left), jnp.int32),
+      right_input_ids=((batch_size, right), jnp.int32),
+      right_attention_mask=((batch_size, right), jnp.int32),
+      right_position_ids=((3, batch_size, right), jnp.int32),
+      pixel_values=((batch_size * patches, vision.patch_dim), jnp.float32),
+      state=((batch_size, model_config.state_dim), jnp.float32),
+      actions=((batch_size, expert.action_horizon, expert.action_dim), jnp.float32),
+      action_mask=((batch_size, expert.action_horizon), jnp.bool_))
+  if model_config.variant == "monolithic":
+    shapes = {k: v for k, v in shapes.items() if not k.startswith("left_")}
+  zeros = {k: np.zeros((1,) * len(s), d) for k, (s, d) in shapes.items()}
+  shardings = step_lib.batch_shardings(mesh, zeros)
+  batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
+  return batch, grid
+
+
+def memory_plan(config: ml_collections.ConfigDict, batch_size: int | None = None,
+                compile_step: bool = True) -> MemoryPlan:
+  """The per-device memory of training `config` on its mesh over all devices."""
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.logical_axis_rules(config.logical_axis_rules, mesh)
+  batch_size = int(batch_size or config.data.batch_size)
+  step_lib.check_batch_size(batch_size, mesh, int(config.train.grad_accum_steps))
+  model = TwinBrainVLA(state_lib.model_config(config))
+  tx = optimizer_lib.make_optimizer(config.train)
+  abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
+  params = state_lib.tree_bytes_per_device(abstract.params)
+  temp = argument = output = alias = None
+  if compile_step:
+    batch, grid = abstract_batch(config, batch_size, mesh)
+    step = step_lib.make_train_step(model, tx, grid, config.flow.num_repeats,
+                                    int(config.train.grad_accum_steps))
+    jitted = step_lib.jit_train_step(step, shardings, {k: v.sharding for k, v in batch.items()},
+                                     mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      compiled = jitted.lower(abstract, batch).compile()
+    analysis = compiled.memory_analysis()
+    temp, argument = int(analysis.temp_size_in_bytes), int(analysis.argument_size_in_bytes)
+    output, alias = int(analysis.output_size_in_bytes), int(analysis.alias_size_in_bytes)
+  return MemoryPlan(
+      mesh=dict(mesh.shape), batch_size=batch_size,
+      trainable_params=state_lib.count_params(abstract.params),
+      frozen_params=state_lib.count_params(abstract.frozen), params_bytes=params,
+      frozen_bytes=state_lib.tree_bytes_per_device(abstract.frozen),
+      optimizer_bytes=state_lib.tree_bytes_per_device(abstract.opt_state),
+      gradient_bytes=params, temp_bytes=temp, argument_bytes=argument, output_bytes=output,
+      alias_bytes=alias)

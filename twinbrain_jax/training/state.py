@@ -1,0 +1,192 @@
+"""The train state and its sharded initialisation.
+
+    state = TrainState(step, params={right, state_encoder, action_expert}, frozen={left},
+                       opt_state, rng)
+
+The frozen left brain lives in `frozen`, outside the differentiated and optimised tree: it never
+gets gradients or optimizer state, and is stored in `model.left_param_dtype` (bf16). Every leaf
+of the state (optimizer moments included) carries the `NamedSharding` its logical axes map to, so
+`jax.jit(init, out_shardings=...)` creates each shard directly on its device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from twinbrain_jax import sharding as sharding_lib
+from twinbrain_jax.config_lib import ConfigError
+from twinbrain_jax.models import hf_loading
+from twinbrain_jax.models.twinbrain import (TwinBrainConfig, TwinBrainVLA, init_right_from_left,
+                                            synthetic_observation)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes.
+
+  Attributes:
+    step: int32 [] optimizer steps taken.
+    params: trainable params `{right, state_encoder, action_expert}`.
+    frozen: `{left}` for the twinbrain variant, `{}` for monolithic; never updated.
+    opt_state: the optimizer's state of `params`.
+    rng: uint32 [2] base key; step `s` draws from `fold_in(rng, s)`, so a resumed run draws
+      the same noise as an uninterrupted one.
+  """
+  step: jax.Array
+  params: Any
+  frozen: Any
+  opt_state: Any
+  rng: jax.Array
+
+  def all_params(self) -> dict[str, Any]:
+    """The model's full `params` collection."""
+    return {**self.frozen, **self.params}
+
+
+def model_config(config: ml_collections.ConfigDict) -> TwinBrainConfig:
+  return TwinBrainConfig.from_config_dict(config.model)
+
+
+def _init_inputs(model_config_: TwinBrainConfig):
+  """Smallest valid inputs for `model.init` (parameter shapes do not depend on them)."""
+  obs, grid = synthetic_observation(model_config_, text_lengths=(3,), image_grid=(1, 8, 8))
+  expert = model_config_.action_expert
+  noisy = np.zeros((1, expert.action_horizon, expert.action_dim), np.float32)
+  return obs, grid, noisy, np.zeros((1,), np.float32)
+
+
+def _init_fn(model: TwinBrainVLA, tx: optax.GradientTransformation, seed: int):
+  """rng-free init function returning a (logically boxed) `TrainState`."""
+  obs, grid, noisy, t = _init_inputs(model.config)
+
+  def init() -> TrainState:
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+    params = dict(model.init(init_rng, obs, grid, noisy, t)["params"])
+    frozen = {"left": params.pop("left")} if "left" in params else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                      opt_state=tx.init(nn.unbox(params)), rng=train_rng)
+
+  return init
+
+
+def tree_shardings(boxed: Any, mesh: Mesh, rules: sharding_lib.LogicalRules) -> Any:
+  """`NamedSharding` of every leaf of a logically boxed tree (unannotated leaves replicate)."""
+  sharding_lib.check_logical_names(boxed, rules)
+  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
+
+  def leaf_sharding(leaf):
+    spec = nn.logical_to_mesh_axes(leaf.names, rules) if is_boxed(leaf) else PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(leaf_sharding, boxed, is_leaf=is_boxed)
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def optimizer_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings of the optimizer state: a leaf that mirrors a parameter (Adam's moments, whose
+  key path ends with the parameter's path and whose shape equals it) takes its sharding; the
+  rest (step counts) is replicated."""
+  by_path = {}
+  for (path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                             jax.tree.leaves(param_shardings)):
+    by_path[_path_keys(path)] = (leaf.shape, s)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def leaf_sharding(path, leaf):
+    keys = _path_keys(path)
+    for start in range(len(keys)):
+      match = by_path.get(keys[start:])
+      if match is not None and tuple(match[0]) == tuple(leaf.shape):
+        return match[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
+
+
+def abstract_state(model: TwinBrainVLA, tx: optax.GradientTransformation, mesh: Mesh,
+                   rules: sharding_lib.LogicalRules, seed: int = 0
+                   ) -> tuple[TrainState, TrainState]:
+  """(abstract state of `jax.ShapeDtypeStruct`s with shardings, the `NamedSharding` tree).
+
+  Nothing is allocated: use it for restoring checkpoints and for the memory plan.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(_init_fn(model, tx, seed))
+  shardings = tree_shardings(boxed.replace(opt_state=None), mesh, rules)
+  unboxed = nn.unbox(boxed)
+  shardings = shardings.replace(opt_state=optimizer_shardings(
+      unboxed.opt_state, unboxed.params, shardings.params, mesh))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          unboxed, shardings)
+  return abstract, shardings
+
+
+def create_train_state(model: TwinBrainVLA, tx: optax.GradientTransformation, mesh: Mesh,
+                       rules: sharding_lib.LogicalRules, seed: int = 0,
+                       shardings: TrainState | None = None) -> TrainState:
+  """A randomly initialised state, each shard created on its device."""
+  if shardings is None:
+    _, shardings = abstract_state(model, tx, mesh, rules, seed)
+  init = _init_fn(model, tx, seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+
+
+def load_pretrained_backbones(state: TrainState, shardings: TrainState, model_cfg: TwinBrainConfig,
+                              hf_checkpoint: str, mesh: Mesh,
+                              rules: sharding_lib.LogicalRules) -> TrainState:
+  """Replaces both brains by a Hugging Face Qwen2.5-VL checkpoint (left and right alike).
+
+  The right brain's `<|action|>` / `<|propri|>` rows start at the mean of the real token
+  embeddings; the real tokens are the ids below the first of the two (the released tokenizer
+  has 151665 tokens, and the tiny presets reserve the last rows).
+  """
+  hf_config = hf_loading.load_config(hf_checkpoint)
+  if hf_config != model_cfg.backbone:
+    raise ConfigError(
+        f"init.hf_checkpoint={hf_checkpoint} has backbone config {hf_config}, which differs from "
+        f"config.model.backbone {model_cfg.backbone}. Choose the preset of that checkpoint.")
+  left_dtype = jnp.dtype(model_cfg.left_param_dtype)
+  loaded = hf_loading.load_params(hf_checkpoint, hf_config, param_dtype=left_dtype, mesh=mesh,
+                                  rules=rules)
+  num_real = min(model_cfg.action_token_id, model_cfg.propri_token_id)
+  right_dtype = jnp.dtype(model_cfg.param_dtype)
+  with jax.set_mesh(mesh):
+    right = jax.jit(functools.partial(init_right_from_left, config=model_cfg,
+                                      num_real_tokens=num_real, param_dtype=right_dtype),
+                    out_shardings=shardings.params["right"])(loaded)
+  params = dict(state.params, right=right)
+  frozen = dict(state.frozen)
+  if "left" in frozen:
+    frozen["left"] = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded,
+                                  shardings.frozen["left"])
+  return state.replace(params=params, frozen=frozen)
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def tree_bytes_per_device(abstract: Any) -> int:
+  """Bytes one device holds of an abstract (sharded) tree: the largest shard of each leaf."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract):
+    shape = leaf.shape
+    if getattr(leaf, "sharding", None) is not None:
+      shape = leaf.sharding.shard_shape(shape)
+    total += int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
+  return total
+

@@ -1,0 +1,178 @@
+"""The jitted train and eval steps, with shardings from the logical rules.
+
+    step = make_train_step(model, tx, image_grid_thw, ...)   # pure: (state, batch) -> ...
+    train_step = jit_train_step(step, state_shardings, batch_shardings(mesh, batch))
+    state, metrics = train_step(state, batch)                  # `state` is donated
+
+The frozen left brain is passed to the loss as a constant (`state.frozen`), so it is never
+differentiated. Gradient accumulation scans over micro-batches inside the step: one call is one
+optimizer step whatever the accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from twinbrain_jax import sharding as sharding_lib
+from twinbrain_jax.config_lib import ConfigError
+from twinbrain_jax.models.twinbrain import TwinBrainVLA, compute_loss
+from twinbrain_jax.training.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+# Keys whose batch axis is not the first: M-RoPE positions are [3, B, L].
+_BATCH_AXIS = {"left_position_ids": 1, "right_position_ids": 1}
+
+
+def batch_axis(key: str) -> int:
+  return _BATCH_AXIS.get(key, 0)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+  """Raises unless every micro-batch splits evenly over the data-parallel devices."""
+  dp = sharding_lib.data_parallel_size(mesh)
+  if batch_size % (dp * grad_accum_steps):
+    raise ConfigError(
+        f"data.batch_size={batch_size} is not divisible by the data-parallel size {dp} (mesh "
+        f"data x fsdp = {dict(mesh.shape)}) times train.grad_accum_steps={grad_accum_steps}; "
+        f"use a multiple of {dp * grad_accum_steps}.")
+
+
+def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+  """Every batch array split over (data, fsdp) along its batch axis.
+
+  `pixel_values [B * patches, D]` is split along its first axis too: the samples' patches are
+  contiguous, so each device gets whole images.
+  """
+  out = {}
+  for key, value in batch.items():
+    spec = [None] * np.ndim(value)
+    spec[batch_axis(key)] = sharding_lib.BATCH_MESH_AXES
+    out[key] = NamedSharding(mesh, PartitionSpec(*spec))
+  return out
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray],
+                 shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+  """Host-local numpy batches of every process -> global sharded arrays.
+
+  Each process passes its own `batch_size / process_count` samples; the global batch is their
+  concatenation in process order.
+  """
+  out = {}
+  n = jax.process_count()
+  for key, value in local_batch.items():
+    value = np.asarray(value)
+    global_shape = list(value.shape)
+    global_shape[batch_axis(key)] *= n
+    out[key] = jax.make_array_from_process_local_data(shardings[key], value, tuple(global_shape))
+  return out
+
+
+def split_microbatches(batch: Batch, num_micro: int, batch_size: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B/k, ...] (pixels [B*P, D] -> [k, B/k*P, D]); micro-batch i holds samples
+  i, i+k, i+2k, ... so that every micro-batch stays spread over all data-parallel devices."""
+  out = {}
+  for key, x in batch.items():
+    axis = batch_axis(key)
+    if key == "pixel_values":
+      x = x.reshape(batch_size, -1, x.shape[-1])  # [B, P, D]
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.reshape(batch_size // num_micro, num_micro, *x.shape[1:])
+    x = jnp.moveaxis(x, 1, 0)  # [k, B/k, ...]
+    if key == "pixel_values":
+      x = x.reshape(num_micro, -1, x.shape[-1])
+    else:
+      x = jnp.moveaxis(x, 1, axis + 1)
+    out[key] = x
+  return out
+
+
+def make_loss_fn(model: TwinBrainVLA, image_grid_thw: np.ndarray, num_repeats: int,
+                 train: bool = True) -> Callable[..., jax.Array]:
+  """(trainable params, frozen params, batch, rng) -> scalar flow-matching loss."""
+  grid = np.asarray(image_grid_thw)
+
+  def loss_fn(params, frozen, batch, rng):
+    return compute_loss(model, {**frozen, **params}, batch, grid, rng, num_repeats, train)
+
+  return loss_fn
+
+
+def make_train_step(model: TwinBrainVLA, tx: optax.GradientTransformation,
+                    image_grid_thw: np.ndarray, num_repeats: int, grad_accum_steps: int = 1,
+                    schedules: Mapping[str, optax.Schedule] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """The pure train step: loss, gradients of the trainable params, one optimizer update.
+
+  Args:
+    image_grid_thw: [B, 3] patch grids of the global batch (static).
+    num_repeats: noise draws per VLM forward (`flow.num_repeats`).
+    grad_accum_steps: k micro-batches of B/k samples; their gradients are averaged.
+    schedules: per-group learning rates, reported in the metrics.
+
+  Returns:
+    step(state, batch) -> (new state, metrics {loss, grad_norm, param_norm, lr/<group>}).
+  """
+  grid = np.asarray(image_grid_thw)
+  batch_size, k = grid.shape[0], int(grad_accum_steps)
+  if batch_size % k:
+    raise ConfigError(f"The batch of {batch_size} does not split into "
+                      f"train.grad_accum_steps={k} micro-batches.")
+  micro_loss = make_loss_fn(model, grid[:batch_size // k], num_repeats)
+  grad_fn = jax.value_and_grad(micro_loss)
+
+  def step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if k == 1:
+      loss, grads = grad_fn(state.params, state.frozen, batch, rng)
+    else:
+      micro = split_microbatches(batch, k, batch_size)
+
+      def accumulate(carry, inputs):
+        index, micro_batch = inputs
+        loss_i, grads_i = grad_fn(state.params, state.frozen, micro_batch,
+                                  jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+      loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
+    for group, schedule in (schedules or {}).items():
+      metrics[f"lr/{group}"] = schedule(state.step)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+def jit_train_step(step: Callable, state_shardings: TrainState,
+                   batch_shardings_: Mapping[str, NamedSharding], mesh: Mesh) -> Callable:
+  """`jax.jit` with explicit in/out shardings; the input state's buffers are donated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(step, in_shardings=(state_shardings, dict(batch_shardings_)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(model: TwinBrainVLA, image_grid_thw: np.ndarray, num_repeats: int,
+                   state_shardings: TrainState, batch_shardings_: Mapping[str, NamedSharding],
+                   mesh: Mesh) -> Callable[[TrainState, Batch], jax.Array]:
+  """Validation loss without dropout; the noise is a fixed function of the step (comparable
+  across evaluations)."""
+  loss_fn = make_loss_fn(model, image_grid_thw, num_repeats, train=False)
+
+  def eval_step(state: TrainState, batch: Batch) -> jax.Array:
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, 2**31 - 1), 0)
+    return loss_fn(state.params, state.frozen, batch, rng)
+
+  return jax.jit(eval_step, in_shardings=(state_shardings, dict(batch_shardings_)),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
