@@ -21,7 +21,7 @@ def _vision(depth, hidden_size, num_heads, intermediate_size, out_hidden_size, f
   return ml_collections.ConfigDict(dict(
       depth=depth, hidden_size=hidden_size, num_heads=num_heads,
       intermediate_size=intermediate_size, out_hidden_size=out_hidden_size,
-      fullatt_block_indexes=list(fullatt_block_indexes), window_size=window_size,
+      fullatt_block_indexes=tuple(fullatt_block_indexes), window_size=window_size,
       patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,
       hidden_act="silu", rms_norm_eps=1e-6))
 
@@ -33,7 +33,7 @@ def _text(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_hea
       hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
       num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
       intermediate_size=intermediate_size, vocab_size=vocab_size,
-      tie_word_embeddings=tie_word_embeddings, mrope_section=list(mrope_section),
+      tie_word_embeddings=tie_word_embeddings, mrope_section=tuple(mrope_section),
       rope_theta=rope_theta, rms_norm_eps=1e-6, hidden_act="silu",
       max_position_embeddings=max_position_embeddings))
 
