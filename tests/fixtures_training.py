@@ -43,13 +43,14 @@ def synthetic_batch(config, batch_size=8, seed=0):
 
 
 class Trainer:
-  """State + jitted step of a config on its mesh (`devices` restricts the mesh)."""
+  """State + jitted step of a config on its mesh (`devices` restricts the mesh; `tx` replaces
+  the config's optimizer)."""
 
-  def __init__(self, config, grid, devices=None, grad_accum_steps=1):
+  def __init__(self, config, grid, devices=None, grad_accum_steps=1, tx=None):
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.logical_axis_rules(config.logical_axis_rules, self.mesh)
     self.model = TwinBrainVLA(state_lib.model_config(config))
-    self.tx = optimizer.make_optimizer(config.train)
+    self.tx = optimizer.make_optimizer(config.train) if tx is None else tx
     _, self.shardings = state_lib.abstract_state(self.model, self.tx, self.mesh, self.rules,
                                                  config.seed)
     self.grid = grid

@@ -150,6 +150,8 @@ def load_pretrained_backbones(state: TrainState, shardings: TrainState, model_cf
                               rules: sharding_lib.LogicalRules) -> TrainState:
   """Replaces both brains by a Hugging Face Qwen2.5-VL checkpoint (left and right alike).
 
+  The right brain holds the checkpoint's values in `model_cfg.param_dtype`, the frozen left
+  brain their cast to `model_cfg.left_param_dtype`; both carry the shardings of `shardings`.
   The right brain's `<|action|>` / `<|propri|>` rows start at the mean of the real token
   embeddings; the real tokens are the ids below the first of the two (the released tokenizer
   has 151665 tokens, and the tiny presets reserve the last rows).
@@ -159,21 +161,23 @@ def load_pretrained_backbones(state: TrainState, shardings: TrainState, model_cf
     raise ConfigError(
         f"init.hf_checkpoint={hf_checkpoint} has backbone config {hf_config}, which differs from "
         f"config.model.backbone {model_cfg.backbone}. Choose the preset of that checkpoint.")
+  # Read once in the trainable dtype: the right brain gets the checkpoint's values (not a copy
+  # of the bf16-rounded left brain), the left brain their cast to its storage dtype.
+  right_dtype = jnp.dtype(model_cfg.param_dtype)
   left_dtype = jnp.dtype(model_cfg.left_param_dtype)
-  loaded = hf_loading.load_params(hf_checkpoint, hf_config, param_dtype=left_dtype, mesh=mesh,
+  loaded = hf_loading.load_params(hf_checkpoint, hf_config, param_dtype=right_dtype, mesh=mesh,
                                   rules=rules)
   num_real = min(model_cfg.action_token_id, model_cfg.propri_token_id)
-  right_dtype = jnp.dtype(model_cfg.param_dtype)
   with jax.set_mesh(mesh):
     right = jax.jit(functools.partial(init_right_from_left, config=model_cfg,
                                       num_real_tokens=num_real, param_dtype=right_dtype),
                     out_shardings=shardings.params["right"])(loaded)
-  params = dict(state.params, right=right)
-  frozen = dict(state.frozen)
-  if "left" in frozen:
-    frozen["left"] = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded,
-                                  shardings.frozen["left"])
-  return state.replace(params=params, frozen=frozen)
+    frozen = dict(state.frozen)
+    if "left" in frozen:
+      frozen["left"] = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(left_dtype), tree),
+                               out_shardings=shardings.frozen["left"])(loaded)
+  del loaded
+  return state.replace(params=dict(state.params, right=right), frozen=frozen)
 
 
 def count_params(tree: Any) -> int:

@@ -94,6 +94,19 @@ def split_microbatches(batch: Batch, num_micro: int, batch_size: int) -> dict[st
   return out
 
 
+def valid_action_counts(micro: Batch) -> jax.Array:
+  """Valid action elements of each micro-batch, [k] float32 (`actions [k, b, T, A]`,
+  `action_mask [k, b, T]` or `[k, b, T, A]`; no mask = all valid)."""
+  actions = micro["actions"]
+  mask = micro.get("action_mask")
+  if mask is None:
+    return jnp.full(actions.shape[:1], np.prod(actions.shape[1:]), jnp.float32)
+  mask = mask.astype(jnp.float32)
+  if mask.ndim == actions.ndim - 1:
+    mask = mask[..., None]
+  return jnp.broadcast_to(mask, actions.shape).sum(axis=tuple(range(1, actions.ndim)))
+
+
 def make_loss_fn(model: TwinBrainVLA, image_grid_thw: np.ndarray, num_repeats: int,
                  train: bool = True) -> Callable[..., jax.Array]:
   """(trainable params, frozen params, batch, rng) -> scalar flow-matching loss."""
@@ -114,7 +127,10 @@ def make_train_step(model: TwinBrainVLA, tx: optax.GradientTransformation,
   Args:
     image_grid_thw: [B, 3] patch grids of the global batch (static).
     num_repeats: noise draws per VLM forward (`flow.num_repeats`).
-    grad_accum_steps: k micro-batches of B/k samples; their gradients are averaged.
+    grad_accum_steps: k micro-batches of B/k samples (sample i in micro-batch i mod k, noise
+      from `fold_in(step key, i)`); their gradients are averaged, each weighted by its share of
+      the batch's valid action elements, so the result is the gradient of the whole batch's
+      masked mean loss.
     schedules: per-group learning rates, reported in the metrics.
 
   Returns:
@@ -125,7 +141,14 @@ def make_train_step(model: TwinBrainVLA, tx: optax.GradientTransformation,
   if batch_size % k:
     raise ConfigError(f"The batch of {batch_size} does not split into "
                       f"train.grad_accum_steps={k} micro-batches.")
-  micro_loss = make_loss_fn(model, grid[:batch_size // k], num_repeats)
+  # One compiled micro-step serves all k micro-batches, and the pixels are split per sample:
+  # every image must have the same grid.
+  if k > 1 and not (grid == grid[:1]).all():
+    raise ConfigError(
+        f"train.grad_accum_steps={k} needs one image grid for the whole batch (micro-batches "
+        f"take samples i, i+{k}, ... and share one compiled step); got image_grid_thw "
+        f"{grid.tolist()}. Use one image size (data.image_size).")
+  micro_loss = make_loss_fn(model, grid[::k], num_repeats)
   grad_fn = jax.value_and_grad(micro_loss)
 
   def step(state: TrainState, batch: Batch):
@@ -134,16 +157,20 @@ def make_train_step(model: TwinBrainVLA, tx: optax.GradientTransformation,
       loss, grads = grad_fn(state.params, state.frozen, batch, rng)
     else:
       micro = split_microbatches(batch, k, batch_size)
+      # The loss is a mean over valid action elements, so micro-batch i's gradient is weighted
+      # by its share of them: the sum is then the gradient of the whole batch's loss.
+      counts = valid_action_counts(micro)  # [k]
+      weights = counts / jnp.maximum(counts.sum(), 1.0)
 
       def accumulate(carry, inputs):
-        index, micro_batch = inputs
+        index, weight, micro_batch = inputs
         loss_i, grads_i = grad_fn(state.params, state.frozen, micro_batch,
                                   jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+        return jax.tree.map(lambda acc, x: acc + (weight * x).astype(acc.dtype), carry,
+                            (loss_i, grads_i)), None
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-      loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), weights, micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
