@@ -4,7 +4,8 @@ export an inference bundle, and sample un-normalised actions from it.
   python scripts/demo.py --config=configs/twinbrain.py:tiny --workdir=/tmp/twinbrain_demo
 """
 
-from absl import flags
+import tensorflow_datasets as tfds
+from absl import flags, logging
 from ml_collections import config_flags
 
 from twinbrain_jax import cli, sharding
@@ -16,6 +17,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/twinbrain_demo", "Where the demo
 
 def main(argv):
   del argv
+  # The demo prints its own summary and a progress bar; library INFO logs would drown them.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  tfds.disable_progress_bar()
   config = _CONFIG.value
   sharding.maybe_initialize_distributed(config.distributed)
   demo.run(config, _WORKDIR.value)

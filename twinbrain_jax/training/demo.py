@@ -66,6 +66,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray
     raw = export.unnormalize_actions(bundle, np.asarray(actions)[0], name)
     sampled[name] = raw
     np.set_printoptions(precision=3, suppress=True)
-    print(f"{name}: instruction {sample['instruction'][0]!r}; first 3 of {raw.shape[0]} "
+    print(f"{name}: instruction {str(sample['instruction'][0])!r}; first 3 of {raw.shape[0]} "
           f"un-normalised actions:\n{raw[:3]}")
   return sampled
