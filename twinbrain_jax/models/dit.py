@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from twinbrain_jax import flow_matching
-from twinbrain_jax.models.layers import EinsumDense, dot_product_attention
+from twinbrain_jax.models.layers import EinsumDense, dense, dot_product_attention
 
 Dtype = Any
 # One `(key, value)` pair per cross-attention block, each `[B, Lc, heads, head_dim]`.
@@ -137,11 +137,9 @@ def sinusoidal_embedding(t: jax.Array, dim: int, *, max_period: float = 10000.0,
 
 
 def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Dtype,
-           param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+           param_dtype: Dtype) -> nn.Dense:
+  return dense(features, axes, kernel_init=nn.initializers.lecun_normal(), dtype=dtype,
+               param_dtype=param_dtype, name=name)
 
 
 class EmbodimentDense(nn.Module):

@@ -234,6 +234,20 @@ def abstract_params(config: qwen25vl.Qwen25VLConfig, param_dtype: Any = jnp.floa
   return jax.eval_shape(functools.partial(qwen25vl.init_params, model), jax.random.key(0))
 
 
+def _abstract_and_shardings(config: qwen25vl.Qwen25VLConfig, param_dtype: Any, mesh: Mesh | None,
+                            rules: sharding_lib.LogicalRules | None, caller: str
+                            ) -> tuple[Any, Any]:
+  """(unboxed abstract params, their shardings): by `rules` over `mesh`, or on one device."""
+  abstract = abstract_params(config, param_dtype)
+  if mesh is not None:
+    if rules is None:
+      raise ValueError(f"{caller}(mesh=...) needs the logical axis rules too (rules=...).")
+    return nn.unbox(abstract), sharding_lib.logical_shardings(abstract, mesh, rules)
+  device = jax.local_devices()[0]
+  abstract = nn.unbox(abstract)
+  return abstract, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
+
+
 def load_params(directory: str | os.PathLike, config: qwen25vl.Qwen25VLConfig | None = None, *,
                 param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
                 rules: sharding_lib.LogicalRules | None = None) -> dict[str, Any]:
@@ -259,16 +273,7 @@ def load_params(directory: str | os.PathLike, config: qwen25vl.Qwen25VLConfig | 
   keys = reader.keys()
   text_prefix, vision_prefix = key_prefixes(keys)
 
-  abstract = abstract_params(config, param_dtype)
-  if mesh is not None:
-    if rules is None:
-      raise ValueError("load_params(mesh=...) needs the logical axis rules too (rules=...).")
-    shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
-  else:
-    device = jax.local_devices()[0]
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device),
-                             nn.unbox(abstract))
-  abstract = nn.unbox(abstract)
+  abstract, shardings = _abstract_and_shardings(config, param_dtype, mesh, rules, "load_params")
   np_dtype = np.dtype(jnp.dtype(param_dtype))
   used: set[str] = set()
 
@@ -377,17 +382,9 @@ def restore_orbax(directory: str | os.PathLike, *, param_dtype: Any = jnp.float3
 
   directory = pathlib.Path(directory).absolute()
   config = load_config(directory)
-  abstract = abstract_params(config, param_dtype)
-  if mesh is not None:
-    if rules is None:
-      raise ValueError("restore_orbax(mesh=...) needs the logical axis rules too (rules=...).")
-    shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
-  else:
-    device = jax.local_devices()[0]
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device),
-                             nn.unbox(abstract))
+  abstract, shardings = _abstract_and_shardings(config, param_dtype, mesh, rules, "restore_orbax")
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(abstract), shardings)
+                        abstract, shardings)
   path = directory / ORBAX_PARAMS_DIR
   if not path.exists():
     raise CheckpointError(f"{path} does not exist; write it with scripts/convert_hf_to_orbax.py.")

@@ -18,6 +18,16 @@ Dtype = Any
 INIT_STD = 0.02  # HF `initializer_range`.
 
 
+def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
+          kernel_init: Any = nn.initializers.normal(stddev=INIT_STD), dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+  """`nn.Dense` whose kernel `[in, out]` and bias `[out]` carry the logical axis names `axes`."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
 class EinsumDense(nn.Module):
   """A projection `einsum(equation, x, kernel) + bias` whose kernel keeps its named axes.
 

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from twinbrain_jax.models.layers import INIT_STD, EinsumDense, RMSNorm, dot_product_attention
+from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, RMSNorm, dense,
+                                         dot_product_attention)
 from twinbrain_jax.models.qwen25vl_vision import VisionConfig, VisionTower
 
 Dtype = Any
@@ -282,15 +283,6 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
 # Layers.
 
 
-def _dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, param_dtype: Dtype,
-           name: str | None = None) -> nn.Dense:
-  """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)), name=name)
-
-
 class Attention(nn.Module):
   """The q/k/v/o projections of one decoder layer (q/k/v with bias, o without)."""
   config: TextConfig
@@ -333,10 +325,10 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = _dense(c.intermediate_size, ("embed", "mlp"), False, name="gate_proj", **kw)(x)
-    up = _dense(c.intermediate_size, ("embed", "mlp"), False, name="up_proj", **kw)(x)
+    gate = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(x)
+    up = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(x)
     hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return _dense(c.hidden_size, ("mlp", "embed"), False, name="down_proj", **kw)(hidden)
+    return dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -609,7 +601,7 @@ class Qwen25VL(nn.Module):
     self.visual = VisionTower(self.config.vision, remat=self.remat_policy != "none", **kw)
     self.model = TextModel(self.config.text, remat_policy=self.remat_policy, **kw)
     if not self.config.text.tie_word_embeddings:
-      self.lm_head = _dense(self.config.text.vocab_size, ("embed", "vocab"), False, **kw)
+      self.lm_head = dense(self.config.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[B, L, E] final-norm hidden states -> [B, L, vocab] logits."""

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twinbrain_jax.models.layers import INIT_STD, EinsumDense, RMSNorm
+from twinbrain_jax.models.layers import EinsumDense, RMSNorm, dense
 
 Dtype = Any
 
@@ -235,12 +235,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 # Modules.
 
-_init = nn.initializers.normal(stddev=INIT_STD)
-
-
-def _param(init, names):
-  return nn.with_logical_partitioning(init, names)
-
 
 class VisionAttention(nn.Module):
   """Multi-head self-attention within segments, with 2-D RoPE on q and k."""
@@ -278,15 +272,11 @@ class VisionMLP(nn.Module):
   def __call__(self, x):
     c = self.config
 
-    def dense(features, names, name):
-      return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=_param(_init, names),
-                      bias_init=_param(nn.initializers.zeros, names[-1:]), name=name)
-
-    gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+    up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
     hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "mlp"))
-    return dense(c.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
+    return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(hidden)
 
 
 class VisionBlock(nn.Module):
@@ -318,11 +308,9 @@ class PatchMerger(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     merged_dim = c.hidden_size * c.spatial_merge_size**2
     x = RMSNorm(c.rms_norm_eps, **kw, name="ln_q")(x).reshape(-1, merged_dim)
-    x = nn.Dense(merged_dim, **kw, kernel_init=_param(_init, ("embed", "mlp")),
-                 bias_init=_param(nn.initializers.zeros, ("mlp",)), name="mlp_0")(x)
+    x = dense(merged_dim, ("embed", "mlp"), name="mlp_0", **kw)(x)
     x = nn.with_logical_constraint(nn.gelu(x, approximate=False), ("batch", "mlp"))
-    return nn.Dense(c.out_hidden_size, **kw, kernel_init=_param(_init, ("mlp", "embed")),
-                    bias_init=_param(nn.initializers.zeros, ("embed",)), name="mlp_2")(x)
+    return dense(c.out_hidden_size, ("mlp", "embed"), name="mlp_2", **kw)(x)
 
 
 class VisionTower(nn.Module):
@@ -362,8 +350,7 @@ class VisionTower(nn.Module):
     cos, sin = rotary_cos_sin(jnp.asarray(vision_positions(grid, c.spatial_merge_size)),
                               c.head_dim, c.rope_theta)
 
-    x = nn.Dense(c.hidden_size, use_bias=False, **kw,
-                 kernel_init=_param(_init, ("patch", "embed")), name="patch_embed")(
+    x = dense(c.hidden_size, ("patch", "embed"), use_bias=False, name="patch_embed", **kw)(
                      pixel_values.astype(self.dtype))
     x = nn.with_logical_constraint(x, ("batch", "embed"))
     block = nn.remat(VisionBlock) if self.remat else VisionBlock
