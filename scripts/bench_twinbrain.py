@@ -11,6 +11,7 @@ import pathlib
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +87,7 @@ def bench_preset(preset, repeats):
   noisy = jnp.zeros((batch_size, expert.action_horizon, expert.action_dim))
   params = jax.jit(lambda r: model.init(r, obs, grid, noisy, jnp.zeros(batch_size))["params"])(
       jax.random.key(0))
-  params = __import__("flax").linen.unbox(params)
+  params = nn.unbox(params)
   trainable = {k: v for k, v in params.items() if k != "left"}
   frozen = params.get("left")
   tx = optax.adamw(1e-4)

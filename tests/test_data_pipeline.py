@@ -2,6 +2,7 @@
 iterator checkpoints and bad input."""
 
 import collections
+import pathlib
 
 import grain
 import jax
@@ -307,7 +308,7 @@ def test_compute_norm_stats_script(oxe_data_dir, tmp_path):
   out = subprocess.run(
       [sys.executable, "scripts/compute_norm_stats.py", f"--data_dir={oxe_data_dir}",
        f"--stats_dir={tmp_path}"], capture_output=True, text=True, check=True,
-      cwd=__import__("pathlib").Path(__file__).parents[1])
+      cwd=pathlib.Path(__file__).parents[1])
   assert "fractal20220817_data" in out.stdout
   ref = _reference(oxe_data_dir)
   for name in DATASETS:

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,7 @@ def _init(config, obs, grid, seed=0):
   noisy = jnp.zeros((obs["state"].shape[0], expert.action_horizon, expert.action_dim))
   t = jnp.zeros((obs["state"].shape[0],))
   params = jax.jit(lambda r: model.init(r, obs, grid, noisy, t)["params"])(jax.random.key(seed))
-  return model, jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
+  return model, jax.tree.map(np.asarray, nn.unbox(params))
 
 
 @pytest.fixture(scope="module")

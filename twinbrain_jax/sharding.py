@@ -164,8 +164,14 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: LogicalRules) -> An
   `nn.unbox(abstract_tree)`.
   """
   check_logical_names(abstract_tree, rules)
-  specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
+
+  def leaf_sharding(leaf):
+    spec = nn.logical_to_mesh_axes(leaf.names, rules) if is_boxed(leaf) else PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+  # Leaf by leaf, so the result has exactly the structure of `nn.unbox(abstract_tree)`.
+  return jax.tree.map(leaf_sharding, abstract_tree, is_leaf=is_boxed)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

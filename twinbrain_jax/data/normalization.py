@@ -252,13 +252,18 @@ def _as_mask(mask: Sequence[bool] | np.ndarray | None, dim: int) -> np.ndarray:
   return mask
 
 
+def _masks(normalize_mask, binarize_mask, dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """[D] bool masks: normalise every dim by default, binarise none."""
+  binarize = np.zeros(dim, bool) if binarize_mask is None else _as_mask(binarize_mask, dim)
+  return _as_mask(normalize_mask, dim), binarize
+
+
 def normalize(x: np.ndarray, stats: ArrayStats, normalize_mask=None,
               binarize_mask=None) -> np.ndarray:
   """`x [..., D]` -> normalised float32 (see the module docstring)."""
   x = np.asarray(x, np.float32)
   dim = x.shape[-1]
-  normalize_mask, binarize_mask = _as_mask(normalize_mask, dim), (
-      _as_mask(binarize_mask, dim) if binarize_mask is not None else np.zeros(dim, bool))
+  normalize_mask, binarize_mask = _masks(normalize_mask, binarize_mask, dim)
   low, high = stats.q01, stats.q99
   span = high - low
   scaled = 2.0 * (x - low) / np.where(span > 0, span, 1.0) - 1.0
@@ -273,8 +278,7 @@ def unnormalize(y: np.ndarray, stats: ArrayStats, normalize_mask=None,
   """Inverse of `normalize` for model outputs `y [..., D]` (values clipped to [-1, 1] first)."""
   y = np.asarray(y, np.float32)
   dim = y.shape[-1]
-  normalize_mask, binarize_mask = _as_mask(normalize_mask, dim), (
-      _as_mask(binarize_mask, dim) if binarize_mask is not None else np.zeros(dim, bool))
+  normalize_mask, binarize_mask = _masks(normalize_mask, binarize_mask, dim)
   low, high = stats.q01, stats.q99
   x = (np.clip(y, -1.0, 1.0) + 1.0) / 2.0 * (high - low) + low
   out = np.where(normalize_mask, x, y)

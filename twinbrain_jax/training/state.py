@@ -79,18 +79,6 @@ def _init_fn(model: TwinBrainVLA, tx: optax.GradientTransformation, seed: int):
   return init
 
 
-def tree_shardings(boxed: Any, mesh: Mesh, rules: sharding_lib.LogicalRules) -> Any:
-  """`NamedSharding` of every leaf of a logically boxed tree (unannotated leaves replicate)."""
-  sharding_lib.check_logical_names(boxed, rules)
-  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
-
-  def leaf_sharding(leaf):
-    spec = nn.logical_to_mesh_axes(leaf.names, rules) if is_boxed(leaf) else PartitionSpec()
-    return NamedSharding(mesh, spec)
-
-  return jax.tree.map(leaf_sharding, boxed, is_leaf=is_boxed)
-
-
 def _path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
@@ -125,7 +113,7 @@ def abstract_state(model: TwinBrainVLA, tx: optax.GradientTransformation, mesh: 
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(_init_fn(model, tx, seed))
-  shardings = tree_shardings(boxed.replace(opt_state=None), mesh, rules)
+  shardings = sharding_lib.logical_shardings(boxed.replace(opt_state=None), mesh, rules)
   unboxed = nn.unbox(boxed)
   shardings = shardings.replace(opt_state=optimizer_shardings(
       unboxed.opt_state, unboxed.params, shardings.params, mesh))
