@@ -21,7 +21,7 @@ import numpy as np
 
 from twinbrain_jax.models.image_processor import preprocess_images
 from twinbrain_jax.models.qwen25vl import get_rope_index
-from twinbrain_jax.models.tokenizer import QwenTokenizer, num_image_tokens
+from twinbrain_jax.models.tokenizer import QwenTokenizer, left_pad, num_image_tokens
 from twinbrain_jax.models.twinbrain import TwinBrainConfig
 
 RIGHT_PROMPT = "Instruction: {instruction}\nAction Query: "
@@ -90,10 +90,7 @@ class ModelInputs:
         raise ValueError(f"A {side} prompt has {longest} tokens, more than "
                          f"inputs.max_{side}_tokens={length}; raise it or shorten the "
                          "instruction.")
-      ids = np.full((len(texts), length), tok.pad_id, np.int32)
-      mask = np.zeros((len(texts), length), np.int32)
-      for b, row in enumerate(rows[side]):
-        ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+      ids, mask = left_pad(rows[side], length, tok.pad_id)
       out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = ids, mask
       out[f"{side}_position_ids"] = get_rope_index(ids, grid, mask, c.backbone)[0]
     return out

@@ -40,6 +40,19 @@ def num_image_tokens(image_grid_thw: np.ndarray, spatial_merge_size: int = 2) ->
   return [int(t * h * w) // spatial_merge_size ** 2 for t, h, w in grid]
 
 
+def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token-id rows -> (ids [B, length] int32, attention_mask [B, length] int32), left-padded.
+
+  Rows longer than `length` are the caller's error to report; they are not truncated here.
+  """
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for b, row in enumerate(rows):
+    ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+  return ids, mask
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedBatch:
   """Left-padded token ids of a batch of prompts.
@@ -167,11 +180,7 @@ class QwenTokenizer:
     if any(len(e) > length for e in encoded):
       raise ValueError(f"A prompt has {max(len(e) for e in encoded)} tokens, more than "
                        f"pad_to={length}.")
-    ids = np.full((len(encoded), length), self.pad_id, np.int32)
-    mask = np.zeros((len(encoded), length), np.int32)
-    for b, e in enumerate(encoded):
-      ids[b, length - len(e):] = e
-      mask[b, length - len(e):] = 1
+    ids, mask = left_pad(encoded, length, self.pad_id)
     return EncodedBatch(input_ids=ids, attention_mask=mask)
 
 

@@ -35,6 +35,7 @@ from twinbrain_jax.models import asymot
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, EmbodimentMLP,
                                       action_expert_flops)
 from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, Qwen25VL, Qwen25VLConfig, get_rope_index
+from twinbrain_jax.models.tokenizer import left_pad
 
 VARIANTS = ("twinbrain", "monolithic")
 CONDITIONINGS = ("action_queries", "all_right")
@@ -290,11 +291,7 @@ def synthetic_observation(config: TwinBrainConfig, text_lengths: Sequence[int] =
   grid = np.array([image_grid] * len(text_lengths), np.int64)
   obs = {}
   for side, rows in (("left", left_rows), ("right", right_rows)):
-    length = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), length), np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for b, row in enumerate(rows):
-      ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+    ids, mask = left_pad(rows, max(len(r) for r in rows), pad_id=0)
     obs[f"{side}_input_ids"], obs[f"{side}_attention_mask"] = ids, mask
     obs[f"{side}_position_ids"] = get_rope_index(ids, grid, mask, bb)[0]
   obs["pixel_values"] = rng.normal(size=(len(text_lengths) * t * h * w, vision.patch_dim)).astype(
