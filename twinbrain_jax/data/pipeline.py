@@ -25,7 +25,10 @@ Sample keys (one element; the batch adds a leading `[B]`):
   action_mask    bool    [H]               True = a real step, False = past the episode end
   instruction    str
   dataset_id     int32                     position in data.datasets
-  episode_index  int32, step_index int32   where the sample comes from
+  episode_index  int32, step_index int32   where the sample comes from (record index in the split,
+                                           step after standardisation)
+  episode_id     str                       the episode's own id (episode_metadata episode_id or
+                                           file_path; "record <i>" if the dataset has neither)
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from twinbrain_jax.data import config as data_config
 from twinbrain_jax.data import normalization, oxe_registry, rlds, transforms
 from twinbrain_jax.data.normalization import DatasetStatistics
 
@@ -106,25 +110,26 @@ class SampleBuilder(grain.transforms.RandomMap):
       actions, states = normalization.standardized_episode(episode)
     actions = normalization.normalize(actions, stats.action, spec.action_normalize_mask,
                                       spec.action_binarize_mask)
-    state = normalization.normalize(states[t], stats.state, spec.state_normalize_mask)
     chunk, action_mask = transforms.action_chunk(actions, t, self._horizon, self._pad_mode)
     sample = {
-        "image": self._images(episode, spec, t, rng),
-        "state": _pad_last(state, self._state_dim),
+        "image": self._images(episode, entry.source.cameras, t, rng),
+        "state": model_state(states[t], stats.state, spec, self._state_dim),
         "actions": _pad_last(chunk, self._action_dim),
         "action_mask": action_mask,
         "instruction": episode.instruction(t),
         "dataset_id": np.int32(dataset_id),
+        "episode_id": episode.episode_id,
         "episode_index": np.int32(episode_index),
         "step_index": np.int32(t),
     }
     if self._num_cameras > 1:
-      sample["image_mask"] = np.arange(self._num_cameras) < len(spec.image_keys)
+      sample["image_mask"] = np.arange(self._num_cameras) < len(entry.source.cameras)
     if self._history > 1:
       sample["history_mask"] = transforms.history_steps(t, self._history)[1]
     return sample
 
-  def _images(self, episode: rlds.Episode, spec, t: int, rng) -> np.ndarray:
+  def _images(self, episode: rlds.Episode, camera_keys: tuple[str, ...], t: int,
+              rng) -> np.ndarray:
     steps, _ = transforms.history_steps(t, self._history)
     cameras = []
     for camera in range(self._num_cameras):
@@ -132,10 +137,10 @@ class SampleBuilder(grain.transforms.RandomMap):
       camera_seed = int(rng.integers(2**63))
       frames = []
       for step in steps:
-        if camera >= len(spec.image_keys):
+        if camera >= len(camera_keys):
           frames.append(np.zeros(self._size + (3,), np.uint8))
           continue
-        raw = episode.image(int(step), spec.image_keys[camera])
+        raw = episode.image(int(step), camera_keys[camera])
         frames.append(self._process(raw, np.random.default_rng(camera_seed)))
       cameras.append(np.stack(frames))
     images = np.stack(cameras, axis=1)  # [T_obs, n_cams, H, W, 3]
@@ -160,10 +165,17 @@ def _pad_last(x: np.ndarray, width: int) -> np.ndarray:
   return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])]).astype(np.float32)
 
 
+def model_state(state: np.ndarray, stats: normalization.ArrayStats,
+                spec: oxe_registry.DatasetSpec, width: int) -> np.ndarray:
+  """A standardised state `[S]` in the dataset's units -> the model's `[width]` float32:
+  normalised with the dataset's statistics, zero-padded (the policy calls this too)."""
+  return _pad_last(normalization.normalize(state, stats, spec.state_normalize_mask), width)
+
+
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-  """Stacks samples; instructions become a `[B]` numpy array of str."""
-  return {k: np.stack([s[k] for s in samples]) if k != "instruction"
-          else np.asarray([s[k] for s in samples]) for k in samples[0]}
+  """Stacks samples; strings (instruction, episode_id) become `[B]` numpy arrays of str."""
+  return {k: np.asarray([s[k] for s in samples]) if isinstance(samples[0][k], str)
+          else np.stack([s[k] for s in samples]) for k in samples[0]}
 
 
 def _resolve_shard(shard_options: grain.sharding.ShardOptions | None):
@@ -185,11 +197,7 @@ class DataPipeline:
   def __init__(self, config: ml_collections.ConfigDict, *, train: bool = True,
                shard_options: grain.sharding.ShardOptions | None = None):
     self.config, self.train = config, train
-    if not config.data_dir:
-      raise ValueError("data.data_dir is not set; pass --config.data.data_dir=/path/to/tfds.")
-    if len(config.datasets) != len(config.weights):
-      raise ValueError(f"data.datasets has {len(config.datasets)} entries but data.weights has "
-                       f"{len(config.weights)}.")
+    self.dataset_entries = data_config.dataset_entries(config)
     if config.pad_mode not in transforms.PAD_MODES:
       raise ValueError(f"data.pad_mode={config.pad_mode!r}; choose one of {transforms.PAD_MODES}.")
     self.shard_index, self.shard_count = _resolve_shard(shard_options)
@@ -199,18 +207,21 @@ class DataPipeline:
     self.per_host_batch_size = config.batch_size // self.shard_count
 
     self.entries = []
-    for dataset_id, name in enumerate(config.datasets):
-      spec = oxe_registry.get_spec(name)
-      source = rlds.RldsDataset(rlds.resolve_dataset_dir(config.data_dir, name), spec,
-                                config.split)
+    for dataset_id, entry in enumerate(self.dataset_entries):
+      source = rlds.RldsDataset(entry.directory(config.data_dir), entry.spec, config.split,
+                                num_cameras=int(config.num_cameras))
       stats = normalization.load_or_compute_statistics(
           source, stats_dir=config.stats_dir, skip_bad_episodes=config.skip_bad_episodes)
       offsets = np.concatenate([[0], np.cumsum(stats.episode_lengths)]).astype(np.int64)
       self.entries.append(_DatasetEntry(dataset_id, source, stats, offsets))
+      if stats.empty:
+        logging.info("%s: %d episodes with no step to train on are skipped.", entry.name,
+                     len(stats.empty))
       if stats.skipped:
-        logging.warning("%s: %d bad episodes skipped.", name, len(stats.skipped))
+        logging.warning("%s: %d bad episodes skipped.", entry.name, len(stats.skipped))
     self.norm_stats = {e.spec.name: e.stats for e in self.entries}
     self.num_skipped = {e.spec.name: len(e.stats.skipped) for e in self.entries}
+    self.num_empty = {e.spec.name: len(e.stats.empty) for e in self.entries}
     widest = lambda attr: max(getattr(e.spec, attr) for e in self.entries)
     self.state_dim = int(config.state_dim) or widest("state_dim")
     self.action_dim = int(config.action_dim) or widest("action_dim")
@@ -234,7 +245,7 @@ class DataPipeline:
       per_dataset.append(ds)
     if config.num_epochs is None:
       per_dataset = [ds.repeat() for ds in per_dataset]
-      weights = [float(w) for w in config.weights]
+      weights = [entry.weight for entry in self.dataset_entries]
       mixed = (per_dataset[0] if len(per_dataset) == 1
                else grain.MapDataset.mix(per_dataset, weights))
     else:
