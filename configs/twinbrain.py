@@ -72,6 +72,10 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
       num_future_tokens=32, hidden_dim=1024, dropout=0.2))
   # Flow matching: R noise draws per VLM forward; the ODE sampler.
   c.flow = ml_collections.ConfigDict(dict(num_repeats=4, num_steps=4, method="euler"))
+  # Executing chunks on the robot (twinbrain_jax/serving/execution.py; served as metadata): a new
+  # chunk every replan_steps, CogACT adaptive ensembling (horizon 7, alpha 0.1 on WidowX).
+  c.execution = ml_collections.ConfigDict(dict(
+      replan_steps=1, ensemble="adaptive", horizon=7, temporal_k=0.01, adaptive_alpha=0.1))
   # Initial weights: left and right brains from one HF Qwen2.5-VL dir (None = random init);
   # the tokenizer dir defaults to the checkpoint's.
   c.init = ml_collections.ConfigDict(dict(
