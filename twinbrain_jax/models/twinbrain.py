@@ -230,6 +230,35 @@ def compute_loss(model: TwinBrainVLA, params: Any, batch: Mapping[str, jax.Array
                                  batch.get("action_mask"), num_repeats)
 
 
+def observation_context(model: TwinBrainVLA, params: Any, obs: Mapping[str, jax.Array],
+                        image_grid_thw: np.ndarray) -> tuple[Any, jax.Array]:
+  """The brains and the expert's cross-attention K/V of `obs`: run once per observation.
+
+  Returns:
+    (context K/V, context_mask [B, Lc] bool), the inputs of `denoise`.
+  """
+  variables = {"params": params}
+  context, context_mask = model.apply(variables, obs, image_grid_thw, method=TwinBrainVLA.encode)
+  return model.apply(variables, context, method=TwinBrainVLA.context_kv), context_mask
+
+
+def denoise(model: TwinBrainVLA, params: Any, obs: Mapping[str, jax.Array], context_kv: Any,
+            context_mask: jax.Array, noise: jax.Array, num_steps: int = 4,
+            method: str = "euler") -> jax.Array:
+  """Integrates `noise [B, T, A]` to action chunks [B, T, A]; only the DiT runs per ODE step."""
+
+  def velocity_fn(x_t, t):
+    return model.apply({"params": params}, x_t, t, context_kv, context_mask, obs["state"],
+                       obs.get("embodiment_id"), method=TwinBrainVLA.velocity)
+
+  return flow_matching.integrate(velocity_fn, noise, num_steps=num_steps, method=method)
+
+
+def action_chunk_shape(config: TwinBrainConfig, batch_size: int) -> tuple[int, int, int]:
+  """[B, T, A] of the sampled (normalised) action chunks."""
+  return batch_size, config.action_expert.action_horizon, config.action_expert.action_dim
+
+
 def sample_actions(model: TwinBrainVLA, params: Any, obs: Mapping[str, jax.Array],
                    image_grid_thw: np.ndarray, rng: jax.Array, num_steps: int = 4,
                    method: str = "euler") -> jax.Array:
@@ -237,17 +266,9 @@ def sample_actions(model: TwinBrainVLA, params: Any, obs: Mapping[str, jax.Array
 
   The brains and the expert's cross-attention K/V run once; only the DiT runs per ODE step.
   """
-  variables = {"params": params}
-  context, context_mask = model.apply(variables, obs, image_grid_thw, method=TwinBrainVLA.encode)
-  kv = model.apply(variables, context, method=TwinBrainVLA.context_kv)
-
-  def velocity_fn(x_t, t):
-    return model.apply(variables, x_t, t, kv, context_mask, obs["state"],
-                       obs.get("embodiment_id"), method=TwinBrainVLA.velocity)
-
-  expert = model.config.action_expert
-  shape = (obs["state"].shape[0], expert.action_horizon, expert.action_dim)
-  return flow_matching.sample_actions(velocity_fn, rng, shape, num_steps=num_steps, method=method)
+  context_kv, context_mask = observation_context(model, params, obs, image_grid_thw)
+  noise = jax.random.normal(rng, action_chunk_shape(model.config, obs["state"].shape[0]))
+  return denoise(model, params, obs, context_kv, context_mask, noise, num_steps, method)
 
 
 def init_right_from_left(left_params: Any, config: TwinBrainConfig, num_real_tokens: int,

@@ -108,24 +108,26 @@ def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) 
 
 def unnormalize_actions(bundle: Bundle, actions: np.ndarray, dataset: str) -> np.ndarray:
   """Model actions `[..., A]` in [-1, 1] -> raw actions of `dataset` with the bundle's stats."""
-  from twinbrain_jax.data import normalization, oxe_registry
+  from twinbrain_jax.data import config as data_config
+  from twinbrain_jax.data import normalization
 
   if dataset not in bundle.norm_stats:
     raise KeyError(f"The bundle has no norm stats for {dataset!r}; it has "
                    f"{sorted(bundle.norm_stats)}.")
-  spec = oxe_registry.get_spec(dataset)
+  # The run's dataset entries say which registry schema (masks, widths) the name stands for.
+  spec = data_config.dataset_spec(bundle.config.data, dataset)
   stats = normalization.ArrayStats.from_json(bundle.norm_stats[dataset]["action"])
   return normalization.unnormalize(np.asarray(actions)[..., :spec.action_dim], stats,
                                    spec.action_normalize_mask, spec.action_binarize_mask)
 
 
-def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      dtype: str = "bfloat16", step: int | None = None,
-                      tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """Exports the latest (or `step`'s) checkpoint of a training run as an inference bundle.
+def restore_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None
+                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """The full `params` collection, config JSON and norm stats of the latest (or `step`'s)
+  checkpoint of a training run.
 
-  The config and norm stats come from the checkpoint itself; the params are restored onto all
-  local devices (`data` mesh axis) whatever mesh wrote them.
+  The params are restored onto all local devices (`data` mesh axis) whatever mesh wrote them,
+  in their training dtypes.
   """
   # The training stack is needed to read a train state, not to load a bundle.
   from twinbrain_jax import sharding as sharding_lib
@@ -150,7 +152,41 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
   _, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=None,
                                        config=config_json, step=step)
   manager.close()
-  tokenizer_dir = tokenizer_dir or config.init.tokenizer or config.init.hf_checkpoint
+  return state.all_params(), config_json, norm_stats
+
+
+def _run_tokenizer_dir(config_json: Mapping[str, Any],
+                       tokenizer_dir: str | os.PathLike | None) -> str | os.PathLike:
+  init = config_json.get("init", {})
+  tokenizer_dir = tokenizer_dir or init.get("tokenizer") or init.get("hf_checkpoint")
   if not tokenizer_dir:
     raise ValueError("The run's config names no tokenizer dir; pass tokenizer_dir.")
-  return export_bundle(state.all_params(), config_json, norm_stats, tokenizer_dir, out_dir, dtype)
+  return tokenizer_dir
+
+
+def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                      dtype: str = "bfloat16", step: int | None = None,
+                      tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Exports the latest (or `step`'s) checkpoint of a training run as an inference bundle.
+
+  The config and norm stats come from the checkpoint itself; the tokenizer from
+  `tokenizer_dir` or the run's `init.tokenizer` / `init.hf_checkpoint`.
+  """
+  params, config_json, norm_stats = restore_checkpoint(checkpoint_dir, step)
+  return export_bundle(params, config_json, norm_stats,
+                       _run_tokenizer_dir(config_json, tokenizer_dir), out_dir, dtype)
+
+
+def bundle_from_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None,
+                           tokenizer_dir: str | os.PathLike | None = None,
+                           compute_dtype: str | None = None) -> Bundle:
+  """What `load_bundle` returns, read straight from a training checkpoint (no export step):
+  params in their training dtypes on the default device."""
+  params, config_json, norm_stats = restore_checkpoint(checkpoint_dir, step)
+  config = ml_collections.ConfigDict(config_json)
+  if compute_dtype is not None:
+    config.model.dtype = compute_dtype
+  tokenizer = QwenTokenizer.from_file(_run_tokenizer_dir(config_json, tokenizer_dir))
+  params = jax.device_put(jax.device_get(params))  # Off the mesh, onto one device.
+  return Bundle(model=TwinBrainVLA(TwinBrainConfig.from_config_dict(config.model)),
+                params=params, config=config, norm_stats=norm_stats, tokenizer=tokenizer)
