@@ -1,7 +1,6 @@
 """Checkpoints: restore onto another mesh, incompatible configs, crashes during a save, export."""
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import processes
 from fixtures_training import REPO, Trainer, synthetic_batch, tiny_config, to_numpy
 from twinbrain_jax import sharding
 from twinbrain_jax.models.twinbrain import TwinBrainVLA, sample_actions
@@ -100,9 +100,8 @@ _CRASH_SCRIPT = textwrap.dedent("""
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
   directory = str(tmp_path / "ckpt")
-  done = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, directory], cwd=REPO,
-                        capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  done = processes.run([sys.executable, "-c", _CRASH_SCRIPT, directory], tmp_path / "log",
+                       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert done.returncode == 3 and "crashing" in done.stdout, done.stderr[-2000:]
   options = tiny_config().checkpoint
   manager = checkpoint_lib.make_manager(directory, options)

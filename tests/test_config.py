@@ -2,11 +2,11 @@
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
+import processes
 from twinbrain_jax import sharding
 from twinbrain_jax.config_lib import ConfigError
 
@@ -34,8 +34,7 @@ def test_unknown_preset_lists_the_known_ones():
 
 def _show_config(*args):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "scripts/show_config.py", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return processes.run([sys.executable, "scripts/show_config.py", *args], cwd=REPO, env=env)
 
 
 def test_command_line_override_applies():

@@ -3,6 +3,9 @@ iterator checkpoints and bad input."""
 
 import collections
 import pathlib
+import re
+import shutil
+import sys
 
 import grain
 import jax
@@ -11,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import processes
 from tests.fixtures_data import (oxe_data_dir, raw_episodes, reference_standardize,  # noqa: F401
                                  small_config, stack)
 from twinbrain_jax.data import generate, normalization, pipeline, rlds, transforms
@@ -252,12 +256,14 @@ def test_schema_errors(tmp_path, kind, faults, match):
 
 
 @pytest.mark.parametrize("kind,faults,match", [
-    (generate.BRIDGE, {"nan_action": 2}, r"episode 2, key 'steps/action': non-finite value nan"),
+    (generate.BRIDGE, {"nan_action": 2},
+     r"record 2 \(episode_id='2', file_path='synthetic/bridge/2'\), key 'steps/action': "
+     r"non-finite value nan"),
     (generate.FRACTAL, {"nan_action": 1},
-     r"episode 1, key 'steps/action/world_vector': non-finite value nan"),
+     r"record 1, key 'steps/action/world_vector': non-finite value nan"),
     (generate.BRIDGE, {"inf_state": 3},
-     r"episode 3, key 'steps/observation/state': non-finite value inf"),
-    (generate.FRACTAL, {"empty": 0}, r"episode 0: empty episode"),
+     r"record 3 \(episode_id='3', file_path='synthetic/bridge/3'\), key "
+     r"'steps/observation/state': non-finite value inf"),
 ])
 def test_bad_episodes_error_or_counted_skip(tmp_path, kind, faults, match):
   data_dir = _faulty(tmp_path, kind, faults)
@@ -265,13 +271,112 @@ def test_bad_episodes_error_or_counted_skip(tmp_path, kind, faults, match):
     _open(data_dir, kind)
   pipe = _open(data_dir, kind, skip_bad_episodes=True, num_epochs=1)
   bad = next(iter(faults.values()))
-  assert pipe.num_skipped == {kind: 1}
+  assert pipe.num_skipped == {kind: 1} and pipe.num_empty == {kind: 0}
   assert pipe.norm_stats[kind].episode_lengths[bad] == 0
   episodes = collections.Counter(int(s["episode_index"]) for s in _samples(pipe))
   assert bad not in episodes and len(episodes) == 3
   # The stats file now records the skip; reading it without skipping is an error again.
   with pytest.raises(rlds.DataError, match="skip 1 bad episodes"):
     _open(data_dir, kind)
+
+
+@pytest.mark.parametrize("kind,faults,match", [
+    (generate.FRACTAL, {"empty": 0}, r"record 0: empty episode \(0 steps\)"),
+    (generate.BRIDGE, {"one_step": 2},
+     r"record 2 \(episode_id='2', file_path='synthetic/bridge/2'\): no steps left after "
+     r"standardisation \(1 raw steps\)"),
+])
+def test_episodes_with_nothing_to_train_on_are_skipped_and_counted(tmp_path, kind, faults, match):
+  """Default settings: no error; the episode is counted and recorded with the statistics."""
+  data_dir = _faulty(tmp_path, kind, faults)
+  for _ in range(2):  # Computing the statistics, then reading them back.
+    pipe = _open(data_dir, kind, num_epochs=1)
+    assert pipe.num_empty == {kind: 1} and pipe.num_skipped == {kind: 0}
+    stats = pipe.norm_stats[kind]
+    empty = next(iter(faults.values()))
+    assert list(stats.empty) == [str(empty)] and stats.episode_lengths[empty] == 0
+    assert re.search(f"dataset '{kind}', {match}", stats.empty[str(empty)])
+    episodes = collections.Counter(int(s["episode_index"]) for s in _samples(pipe))
+    assert empty not in episodes and len(episodes) == 3
+
+
+def test_samples_carry_the_episode_id(oxe_data_dir):
+  """Bridge names its episodes in `episode_metadata`; fractal has none: the record index."""
+  config = small_config(oxe_data_dir, num_epochs=1, shuffle=False)
+  pipe = pipeline.DataPipeline(config, train=False, shard_options=grain.sharding.ShardOptions(0, 1))
+  for sample in _samples(pipe):
+    name, index = DATASETS[int(sample["dataset_id"])], int(sample["episode_index"])
+    want = str(index) if name == generate.BRIDGE else f"record {index}"
+    assert sample["episode_id"] == want
+  batch = pipe.batches[0]
+  assert batch["episode_id"].shape == (config.batch_size,) and batch["episode_id"].dtype.kind == "U"
+
+
+# --- dataset entries in the config ---------------------------------------------------------------
+
+
+def test_a_renamed_dataset_in_a_known_schema_needs_no_code(oxe_data_dir, tmp_path):
+  """A mirror of bridge under another name and directory reads exactly like bridge."""
+  mirror = tmp_path / "mirror" / "my_widowx"
+  shutil.copytree(rlds.resolve_dataset_dir(oxe_data_dir, generate.BRIDGE), mirror / "2.0.0")
+  shard = grain.sharding.ShardOptions(0, 1)
+  plain = pipeline.DataPipeline(
+      small_config(oxe_data_dir, datasets=(generate.BRIDGE,), weights=(1.0,), num_epochs=1),
+      train=False, shard_options=shard)
+  entries = {
+      "absolute dir": dict(name="my_widowx", spec=generate.BRIDGE, dir=str(mirror / "2.0.0")),
+      "dataset dir, newest version": dict(name="my_widowx", spec=generate.BRIDGE,
+                                          dir=str(mirror)),
+      "relative dir": dict(name="my_widowx", spec=generate.BRIDGE, dir="my_widowx/2.0.0"),
+      "version under data_dir": dict(name="my_widowx", spec=generate.BRIDGE, version="2.0.0"),
+  }
+  for what, entry in entries.items():
+    config = small_config(str(tmp_path / "mirror"), datasets=(entry,), weights=(), num_epochs=1,
+                          stats_dir=str(tmp_path / "stats" / what.replace(" ", "_")))
+    renamed = pipeline.DataPipeline(config, train=False, shard_options=shard)
+    assert list(renamed.norm_stats) == ["my_widowx"], what
+    assert renamed.entries[0].spec.registry_name == generate.BRIDGE
+    assert renamed.dataset_entries[0].weight == 1.0
+    assert len(renamed.samples) == len(plain.samples)
+    for i in range(0, len(plain.samples), 5):
+      _batches_equal(renamed.samples[i], plain.samples[i])
+
+
+def test_only_the_cameras_in_use_are_required(tmp_path):
+  data_dir = _faulty(tmp_path, generate.BRIDGE, {"drop_key": "observation/image_3"})
+  pipe = _open(data_dir, generate.BRIDGE, num_epochs=1)  # One camera: image_0.
+  assert pipe.entries[0].source.cameras == ("image_0",)
+  assert pipe.samples[0]["image"].shape == (32, 40, 3)
+  with pytest.raises(rlds.DataError, match=r"missing feature key 'steps/observation/image_3'.*"
+                                           r"registry entry 'bridge_dataset'.*data.num_cameras"):
+    _open(data_dir, generate.BRIDGE, num_cameras=4, stats_dir=str(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("datasets,weights,match", [
+    ((dict(name="a", spec=generate.BRIDGE, dri="x"),), (), r"data.datasets\[0\]: unknown key "
+     r"'dri' \(did you mean 'dir'\?\)"),
+    ((dict(name="a", spec=generate.BRIDGE, dir="x", version="1.0.0"),), (),
+     r"sets both 'dir' and 'version'"),
+    ((dict(spec=generate.BRIDGE),), (), r"has no 'name'"),
+    ((generate.BRIDGE, dict(name=generate.BRIDGE, dir="x")), (), r"names 'bridge_dataset' twice"),
+    ((dict(name="a", spec=generate.BRIDGE, weight=2.0),), (1.0,), r"has a 'weight' and "
+     r"data.weights is set too"),
+    ((generate.BRIDGE,), (1.0, 1.0), r"1 entries but data.weights has 2"),
+    ((dict(name="a", spec=generate.BRIDGE, weight=0.0),), (), r"weights must be positive"),
+    ((3,), (), r"neither a registry name nor a dict"),
+])
+def test_bad_dataset_entries(tmp_path, datasets, weights, match):
+  config = small_config(str(tmp_path), datasets=datasets, weights=weights)
+  with pytest.raises(ValueError, match=match):
+    pipeline.DataPipeline(config, shard_options=grain.sharding.ShardOptions(0, 1))
+
+
+def test_entry_weights_drive_the_mixture(oxe_data_dir):
+  entries = (dict(name=generate.BRIDGE, weight=3.0), dict(name=generate.FRACTAL, weight=1.0))
+  config = small_config(oxe_data_dir, datasets=entries, weights=())
+  pipe = pipeline.DataPipeline(config, shard_options=grain.sharding.ShardOptions(0, 1))
+  ids = np.array([int(pipe.samples[i]["dataset_id"]) for i in range(400)])
+  assert abs((ids == 0).mean() - 0.75) < 0.02
 
 
 def test_stale_stats_are_an_error(tmp_path):
@@ -294,21 +399,14 @@ def test_tfrecord_data_points_to_the_converter(tmp_path):
     f.write(text.replace('"fileFormat": "array_record"', '"fileFormat": "tfrecord"'))
   with pytest.raises(rlds.DataError, match="stored as 'tfrecord'.*convert_tfrecord.py"):
     _open(data_dir, generate.BRIDGE)
-  try:
-    import tensorflow  # noqa: F401
-  except ImportError:
-    with pytest.raises(ImportError, match=r"twinbrain_jax\[tf\]"):
-      rlds.convert_to_array_record(rlds.resolve_dataset_dir(data_dir, generate.BRIDGE))
 
 
 def test_compute_norm_stats_script(oxe_data_dir, tmp_path):
   """The script writes the same statistics the library computes (JSON, float32 values)."""
-  import subprocess
-  import sys
-  out = subprocess.run(
+  out = processes.run(
       [sys.executable, "scripts/compute_norm_stats.py", f"--data_dir={oxe_data_dir}",
-       f"--stats_dir={tmp_path}"], capture_output=True, text=True, check=True,
-      cwd=pathlib.Path(__file__).parents[1])
+       f"--stats_dir={tmp_path}"], tmp_path / "log", cwd=pathlib.Path(__file__).parents[1])
+  assert out.returncode == 0, out.stderr[-3000:]
   assert "fractal20220817_data" in out.stdout
   ref = _reference(oxe_data_dir)
   for name in DATASETS:

@@ -2,15 +2,14 @@
 
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import absl.flags
 import jax
 import numpy as np
 import pytest
 
+import processes
 from fixtures_training import REPO, tiny_config
 from twinbrain_jax.config_lib import ConfigError
 from twinbrain_jax.training import demo_data, loop
@@ -53,23 +52,21 @@ def test_sigterm_saves_and_the_rerun_resumes(data_config, tmp_path):
           "--config.train.progress_bar=False", "--config.checkpoint.every=2",
           "--config.train.log_every=1"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(args + ["--config.train.num_steps=1000"], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   first_checkpoint = workdir / "checkpoints" / "2"
-  deadline = time.time() + 240
-  while not first_checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.5)
-  assert first_checkpoint.exists(), proc.stderr.read()[-3000:] if proc.poll() else "timeout"
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=240)
-  assert proc.returncode == 0, err[-3000:]
+  # The child is stopped (its whole group) when the block ends, also if an assertion fails.
+  with processes.started(args + ["--config.train.num_steps=1000"], tmp_path / "first", cwd=REPO,
+                         env=env) as run:
+    run.wait_for(first_checkpoint.exists, "checkpoint 2")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait() == 0, run.stderr[-3000:]
+    out = run.stdout
   line = [l for l in out.splitlines() if l.startswith("stopped at step")][-1]
   stopped = int(line.split()[3])
   assert "preempted=True" in line and 2 <= stopped < 1000
   assert (workdir / "checkpoints" / str(stopped)).exists()
   # The same command (with a closer end) continues from the saved step.
-  done = subprocess.run(args + [f"--config.train.num_steps={stopped + 2}"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  done = processes.run(args + [f"--config.train.num_steps={stopped + 2}"], tmp_path / "second",
+                       cwd=REPO, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"stopped at step {stopped + 2} (started at {stopped}, preempted=False)" in done.stdout
 
@@ -87,9 +84,9 @@ def test_batch_not_divisible_by_the_data_parallel_size(data_config, tmp_path):
 
 
 def test_unknown_preset_is_a_one_line_error():
-  done = subprocess.run([sys.executable, "scripts/train.py", "--config=configs/twinbrain.py:huge",
-                         "--workdir=/tmp/unused"], cwd=REPO, capture_output=True, text=True,
-                        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  done = processes.run([sys.executable, "scripts/train.py", "--config=configs/twinbrain.py:huge",
+                        "--workdir=/tmp/unused"], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert done.returncode != 0
   assert "Unknown preset 'huge'" in done.stderr and "qwen25vl_3b" in done.stderr
   assert "Traceback" not in done.stderr

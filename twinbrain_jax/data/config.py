@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+
 import ml_collections
 from ml_collections import config_dict
+
+from twinbrain_jax.data import oxe_registry
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -11,13 +18,19 @@ def default_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # TFDS data dir holding `<dataset>/<version>/` ArrayRecord RLDS datasets.
   c.data_dir = config_dict.placeholder(str)
-  # Registry names (twinbrain_jax/data/oxe_registry.py) and mixture weights.
+  # Each entry: a registry name (twinbrain_jax/data/oxe_registry.py) read from
+  # `<data_dir>/<name>/<newest version>/`, or a dict mapping a directory to a registry schema:
+  #   dict(name="my_widowx", spec="bridge_orig", dir="/data/my_widowx/1.0.0", weight=0.5)
+  # (keys: name; spec = registry entry, default name; dir = version dir or dataset dir, relative
+  # to data_dir; or version; weight). See `dataset_entries`.
   c.datasets = ("bridge_dataset", "fractal20220817_data")
+  # Mixture weights, one per entry; () takes each entry's `weight` (default 1).
   c.weights = (1.0, 1.0)
   c.split = "train"
   # Norm stats JSON location; None writes/reads `norm_stats.<split>.json` next to the data.
   c.stats_dir = config_dict.placeholder(str)
-  # False: a bad episode is an error. True: it is skipped, counted and logged.
+  # False: a malformed episode is an error. True: it is skipped, counted and logged. Episodes
+  # with no step to train on (e.g. 1-step bridge episodes) are always skipped and counted.
   c.skip_bad_episodes = False
   c.seed = 0
   c.shuffle = True
@@ -48,3 +61,95 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.read_threads = 8
   c.prefetch_batches = 4
   return c
+
+
+_ENTRY_KEYS = ("name", "spec", "dir", "version", "weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+  """One dataset of the mixture, resolved from `data.datasets` (no file system access).
+
+  Attributes:
+    name: the dataset's name in this run: norm stats, logs and bundles are keyed by it.
+    spec: the registry schema, carrying `name` (and `registry_name` = the schema's entry).
+    dir: the directory given in the config (absolute, or relative to data_dir), or None for
+      `<data_dir>/<name>`.
+    version: a version under the dataset directory; None = the newest.
+    weight: mixture weight.
+  """
+  name: str
+  spec: oxe_registry.DatasetSpec
+  dir: str | None
+  version: str | None
+  weight: float
+
+  def directory(self, data_dir: str | None) -> str:
+    """The TFDS version directory to read (`FileNotFoundError` naming it if absent)."""
+    from twinbrain_jax.data import rlds  # pylint: disable=g-import-not-at-top
+    if self.dir is None or not os.path.isabs(self.dir):
+      if not data_dir:
+        raise ValueError(f"data.data_dir is not set and dataset {self.name!r} has no absolute "
+                         "'dir'; pass --config.data.data_dir=/path/to/tfds.")
+    root = os.path.join(data_dir or "", self.dir if self.dir is not None else self.name)
+    if self.dir is not None and os.path.isfile(os.path.join(root, "dataset_info.json")):
+      return root
+    return rlds.resolve_version_dir(root, self.name, self.version)
+
+
+def _entry_error(index: int, message: str) -> ValueError:
+  return ValueError(f"data.datasets[{index}]: {message}")
+
+
+def dataset_entries(data_config: ml_collections.ConfigDict) -> list[DatasetEntry]:
+  """Resolves `data.datasets` and `data.weights` into entries, with clear errors."""
+  raw = list(data_config.datasets)
+  weights = list(data_config.weights or ())
+  if weights and len(weights) != len(raw):
+    raise ValueError(f"data.datasets has {len(raw)} entries but data.weights has {len(weights)}; "
+                     "give one weight per entry, or data.weights=() to use each entry's weight.")
+  entries = []
+  for index, item in enumerate(raw):
+    fields = {"name": item} if isinstance(item, str) else item
+    if not isinstance(fields, Mapping):
+      raise _entry_error(index, f"{item!r} is neither a registry name nor a dict with keys "
+                                f"{', '.join(_ENTRY_KEYS)}.")
+    fields = dict(fields)
+    for key in fields:
+      if key not in _ENTRY_KEYS:
+        close = difflib.get_close_matches(key, _ENTRY_KEYS, n=1)
+        raise _entry_error(index, f"unknown key {key!r}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else "")
+                                  + f"; the keys are {', '.join(_ENTRY_KEYS)}.")
+    if not fields.get("name"):
+      raise _entry_error(index, f"{fields} has no 'name'.")
+    name = str(fields["name"])
+    if fields.get("dir") and fields.get("version"):
+      raise _entry_error(index, f"{name!r} sets both 'dir' and 'version'; 'dir' names the "
+                                "directory itself, 'version' one under <data_dir>/<name>.")
+    if weights and "weight" in fields:
+      raise _entry_error(index, f"{name!r} has a 'weight' and data.weights is set too; use one.")
+    spec = oxe_registry.get_spec(str(fields.get("spec") or name))
+    spec = dataclasses.replace(spec, name=name, registry_name=spec.registry_name)
+    weight = float(weights[index] if weights else fields.get("weight", 1.0))
+    if not weight > 0:
+      raise _entry_error(index, f"{name!r} has weight {weight}; weights must be positive.")
+    entries.append(DatasetEntry(name=name, spec=spec, dir=fields.get("dir") or None,
+                                version=fields.get("version") or None, weight=weight))
+  names = [e.name for e in entries]
+  for name in names:
+    if names.count(name) > 1:
+      raise ValueError(f"data.datasets names {name!r} twice; every entry needs its own name "
+                       "(norm stats are kept per name).")
+  if not entries:
+    raise ValueError("data.datasets is empty; name at least one dataset.")
+  return entries
+
+
+def dataset_spec(data_config: ml_collections.ConfigDict, name: str) -> oxe_registry.DatasetSpec:
+  """The spec of the entry `name` of `data.datasets` (policies un-normalise with it)."""
+  for entry in dataset_entries(data_config):
+    if entry.name == name:
+      return entry.spec
+  raise oxe_registry.UnknownDatasetError(f"Dataset {name!r} is not in data.datasets "
+                 f"({', '.join(e.name for e in dataset_entries(data_config))}).")

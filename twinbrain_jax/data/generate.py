@@ -6,7 +6,11 @@ needs TensorFlow to encode numpy images, not to store encoded bytes). Contents a
 walk of the end effector with gripper commands that exercise the OXE gripper transforms.
 
 `faults` injects bad input for tests: {"nan_action": episode, "inf_state": episode,
-"empty": episode, "state_dim": 6, "drop_key": "observation/state"}.
+"empty": episode, "state_dim": 6, "drop_key": "observation/state"}, and the awkward but valid
+episodes that real downloads hold: {"one_step": episode (a single step), "truncated": episode
+(ends without `is_terminal`), "empty_instruction": episode}.
+
+`file_format="tfrecord"` writes the published OXE layout (needs TensorFlow, the `tf` extra).
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ def _frame(rng: np.random.Generator, shape: tuple[int, int], t: int) -> np.ndarr
   y0, x0 = (7 * t) % (h - 32), (11 * t) % (w - 32)
   image[y0:y0 + 32, x0:x0 + 32] = 255 - base
   return image
+
+
+def _set(step: dict, path: str, value):
+  *parents, leaf = path.split("/")
+  for p in parents:
+    step = step[p]
+  step[leaf] = value
 
 
 def _drop(features: dict, path: str):
@@ -142,9 +153,10 @@ class _SyntheticRlds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {"train": self._generate_examples()}
 
   def _episode_length(self, rng, episode):
+    length = int(rng.integers(self._min_steps, self._max_steps + 1))
     if self._faults.get("empty") == episode:
       return 0
-    return int(rng.integers(self._min_steps, self._max_steps + 1))
+    return 1 if self._faults.get("one_step") == episode else length
 
   def _generate_examples(self):
     for episode in range(self._num_episodes):
@@ -155,6 +167,11 @@ class _SyntheticRlds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._poison(steps[len(steps) // 2], "action", np.nan)
       if steps and self._faults.get("inf_state") == episode:
         self._poison(steps[len(steps) // 2], self._state_key, np.inf)
+      if steps and self._faults.get("truncated") == episode:
+        steps[-1]["is_terminal"] = False  # Cut by a time limit: last, not terminal.
+      if self._faults.get("empty_instruction") == episode:
+        for step in steps:
+          _set(step, self._language_key, "")
       for key in [self._faults.get("drop_key")] if "drop_key" in self._faults else []:
         for step in steps:
           _drop(step, key)
@@ -185,6 +202,7 @@ class BridgeRlds(_SyntheticRlds, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   _default_state_dim = 7
   _state_key = "observation/state"
+  _language_key = "language_instruction"
 
   def _steps_features(self, state_dim):
     return _bridge_steps_features(state_dim)
@@ -233,6 +251,7 @@ class FractalRlds(_SyntheticRlds, skip_registration=True):
   VERSION = tfds.core.Version("0.1.0")
   _default_state_dim = 7
   _state_key = "observation/base_pose_tool_reached"
+  _language_key = "observation/natural_language_instruction"
 
   def _steps_features(self, state_dim):
     return _fractal_steps_features(state_dim)
@@ -277,7 +296,8 @@ _BUILDERS = {BRIDGE: BridgeRlds, FRACTAL: FractalRlds}
 
 
 def generate_dataset(kind: str, data_dir: str, *, num_episodes: int = 8, min_steps: int = 6,
-                     max_steps: int = 12, seed: int = 0, faults: Mapping | None = None) -> str:
+                     max_steps: int = 12, seed: int = 0, faults: Mapping | None = None,
+                     file_format: str = "array_record", num_shards: int | None = None) -> str:
   """Writes a synthetic RLDS dataset and returns its TFDS version directory.
 
   Args:
@@ -286,12 +306,13 @@ def generate_dataset(kind: str, data_dir: str, *, num_episodes: int = 8, min_ste
     num_episodes, min_steps, max_steps: size; episode lengths are uniform in the range.
     seed: contents seed.
     faults: bad input to inject (see the module docstring).
+    file_format: "array_record", or "tfrecord" as OXE is published (needs TensorFlow).
+    num_shards: shards per split (None: TFDS decides by size, 1 for small data).
   """
   if kind not in _BUILDERS:
     raise ValueError(f"Unknown schema {kind!r}; choose one of: {', '.join(_BUILDERS)}.")
   builder = _BUILDERS[kind](num_episodes=num_episodes, min_steps=min_steps, max_steps=max_steps,
-                            seed=seed, faults=faults, data_dir=data_dir,
-                            file_format="array_record")
+                            seed=seed, faults=faults, data_dir=data_dir, file_format=file_format)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(verify_ssl=False))
+      download_config=tfds.download.DownloadConfig(verify_ssl=False, num_shards=num_shards))
   return str(builder.data_path)

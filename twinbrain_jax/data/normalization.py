@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from twinbrain_jax.data.rlds import DataError, Episode, RldsDataset
+from twinbrain_jax.data.rlds import DataError, EmptyEpisodeError, Episode, RldsDataset
 
-STATS_VERSION = 1
+STATS_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -68,7 +68,9 @@ class DatasetStatistics:
     action: stats of standardised actions `[A]`.
     state: stats of standardised states `[S]`.
     episode_lengths: standardised number of steps of every episode (0 for skipped ones).
-    skipped: episode index (as str, JSON keys) -> why it was skipped.
+    skipped: record index (as str, JSON keys) -> why the malformed episode was skipped
+      (only with `skip_bad_episodes`).
+    empty: record index -> why the episode has no step to train on (always skipped).
     spec: the registry entry's description at computation time.
     num_records: number of episodes in the split when computed.
     standardized: optional `[num_steps, A + S]` float32 standardised actions ‖ states of all
@@ -81,6 +83,7 @@ class DatasetStatistics:
   state: ArrayStats
   episode_lengths: list[int]
   skipped: dict[str, str]
+  empty: dict[str, str]
   spec: dict
   num_records: int
   standardized: np.ndarray | None = dataclasses.field(default=None, repr=False)
@@ -105,7 +108,7 @@ class DatasetStatistics:
     return dict(version=STATS_VERSION, dataset=self.dataset, split=self.split,
                 action=self.action.to_json(), state=self.state.to_json(),
                 episode_lengths=list(map(int, self.episode_lengths)), skipped=self.skipped,
-                spec=self.spec, num_records=self.num_records)
+                empty=self.empty, spec=self.spec, num_records=self.num_records)
 
   @classmethod
   def from_json(cls, d: dict) -> "DatasetStatistics":
@@ -115,7 +118,8 @@ class DatasetStatistics:
     return cls(dataset=d["dataset"], split=d["split"], action=ArrayStats.from_json(d["action"]),
                state=ArrayStats.from_json(d["state"]),
                episode_lengths=[int(x) for x in d["episode_lengths"]],
-               skipped=dict(d["skipped"]), spec=d["spec"], num_records=int(d["num_records"]))
+               skipped=dict(d["skipped"]), empty=dict(d["empty"]), spec=d["spec"],
+               num_records=int(d["num_records"]))
 
   def save(self, path: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -155,34 +159,48 @@ def stats_path(dataset_dir: str, split: str, stats_dir: str | None = None,
 
 
 def standardized_episode(episode: Episode) -> tuple[np.ndarray, np.ndarray]:
-  """`(actions [T', A], states [T', S])` of one episode, validated; `DataError` if bad."""
+  """`(actions [T', A], states [T', S])` of one episode, validated.
+
+  Raises:
+    EmptyEpisodeError: no step to train on (0 raw steps, or none after standardisation, e.g. a
+      1-step bridge episode once the last step is dropped).
+    DataError: a malformed episode (missing key, wrong shape, non-finite value).
+  """
   spec = episode.spec
-  where = f"dataset {spec.name!r}, episode {episode.index}"
   if len(episode) == 0:
-    raise DataError(f"{where}: empty episode (0 steps).")
+    raise EmptyEpisodeError(f"{episode.where()}: empty episode (0 steps).")
   raw = episode.lowdim()
   for key, array in raw.items():
     if not np.all(np.isfinite(array)):
       bad = np.argwhere(~np.isfinite(array))[0]
-      raise DataError(f"{where}, key 'steps/{key}': non-finite value {array[tuple(bad)]} at step "
-                      f"{bad[0]}.")
+      raise DataError(f"{episode.where()}, key 'steps/{key}': non-finite value "
+                      f"{array[tuple(bad)]} at step {bad[0]}.")
   actions, states = spec.standardize(raw)
   if actions.shape[0] == 0:
-    raise DataError(f"{where}: no steps left after standardisation ({len(episode)} raw steps).")
+    raise EmptyEpisodeError(f"{episode.where()}: no steps left after standardisation "
+                            f"({len(episode)} raw steps).")
   if actions.shape[1:] != (spec.action_dim,) or states.shape[1:] != (spec.state_dim,):
-    raise DataError(f"{where}: standardised actions {actions.shape} / states {states.shape}, "
-                    f"expected [T, {spec.action_dim}] / [T, {spec.state_dim}].")
+    raise DataError(f"{episode.where()}: standardised actions {actions.shape} / states "
+                    f"{states.shape}, expected [T, {spec.action_dim}] / [T, {spec.state_dim}].")
   return actions, states
 
 
 def compute_dataset_statistics(dataset: RldsDataset, skip_bad_episodes: bool = False,
                                log_every: int = 0) -> DatasetStatistics:
-  """One pass over every episode's low-dimensional arrays; images are never decoded."""
-  actions, states, lengths, skipped = [], [], [], {}
+  """One pass over every episode's low-dimensional arrays; images are never decoded.
+
+  Empty episodes are skipped and recorded in `empty`; malformed ones are an error unless
+  `skip_bad_episodes`, which records them in `skipped`.
+  """
+  actions, states, lengths, skipped, empty = [], [], [], {}, {}
   start = time.perf_counter()
   for index in range(len(dataset)):
     try:
       a, s = standardized_episode(dataset.episode(index))
+    except EmptyEpisodeError as e:
+      empty[str(index)] = str(e)
+      lengths.append(0)
+      continue
     except DataError as e:
       if not skip_bad_episodes:
         raise DataError(f"{e} Fix the data or set data.skip_bad_episodes=True to skip (and "
@@ -198,7 +216,10 @@ def compute_dataset_statistics(dataset: RldsDataset, skip_bad_episodes: bool = F
                    time.perf_counter() - start)
   if not actions:
     raise DataError(f"Dataset {dataset.spec.name!r} at {dataset.path!r}: no usable episode "
-                    f"({len(skipped)} skipped).")
+                    f"({len(empty)} empty, {len(skipped)} skipped as bad).")
+  if empty:
+    logging.warning("%s: %d of %d episodes have no step to train on and are skipped (e.g. %s).",
+                    dataset.spec.name, len(empty), len(dataset), next(iter(empty.values())))
   if skipped:
     logging.warning("%s: skipped %d bad episodes of %d.", dataset.spec.name, len(skipped),
                     len(dataset))
@@ -206,7 +227,7 @@ def compute_dataset_statistics(dataset: RldsDataset, skip_bad_episodes: bool = F
   return DatasetStatistics(
       dataset=dataset.spec.name, split=dataset.split,
       action=ArrayStats.compute(actions), state=ArrayStats.compute(states),
-      episode_lengths=lengths, skipped=skipped, spec=dataset.spec.description(),
+      episode_lengths=lengths, skipped=skipped, empty=empty, spec=dataset.spec.description(),
       num_records=len(dataset), standardized=np.concatenate([actions, states], axis=1))
 
 

@@ -4,7 +4,8 @@ Every OXE dataset stores cameras, proprioception, actions and language under its
 conventions. A `DatasetSpec` says, for one dataset, which raw step keys are read (with their
 shapes), which cameras are used, and a pure function that turns the stacked raw arrays of one
 episode into standard `actions [T', A]` and `states [T', S]`. Adding a dataset is adding one entry
-to `OXE_DATASETS`.
+to `OXE_DATASETS`; using a known schema under another name or directory is a `data.datasets`
+entry in the config (`data/config.py`), no code.
 
 The gripper transforms follow the ones Octo and OpenVLA apply to OXE (all arrays numpy):
   * bridge: the last action dim is binarised (> 0.95 open = 1, < 0.05 closed = 0, values in
@@ -50,6 +51,8 @@ class DatasetSpec:
     action_normalize_mask: per action dim, True to map q01..q99 to [-1, 1]; False leaves it.
     action_binarize_mask: per action dim, True to threshold at 0.5 to {0, 1} (grippers).
     state_normalize_mask: per state dim, True to map q01..q99 to [-1, 1].
+    registry_name: the registry entry this spec comes from; differs from `name` when a
+      `data.datasets` entry maps another directory to it (see `data.config.dataset_entries`).
   """
   name: str
   image_keys: tuple[str, ...]
@@ -62,8 +65,11 @@ class DatasetSpec:
   action_normalize_mask: tuple[bool, ...]
   action_binarize_mask: tuple[bool, ...]
   state_normalize_mask: tuple[bool, ...]
+  registry_name: str = ""
 
   def __post_init__(self):
+    if not self.registry_name:
+      object.__setattr__(self, "registry_name", self.name)
     for field, size in (("action_normalize_mask", self.action_dim),
                         ("action_binarize_mask", self.action_dim),
                         ("state_normalize_mask", self.state_dim)):
@@ -171,6 +177,25 @@ OXE_DATASETS: dict[str, DatasetSpec] = {
         state_normalize_mask=(True,) * 8,
     ),
 }
+
+
+# Meta-World demonstrations (scripts/make_metaworld_dataset.py, twinbrain_jax/sim/metaworld.py),
+# written in LeRobot's contract: camera `image` (corner2, upright, 112x112 as the maker writes by
+# default), state = hand xyz ‖ gripper opening, action = xyz delta ‖ gripper effort. The actions
+# are already in [-1, 1] and kept as they are: no relabelling, no normalisation, and no
+# binarisation (the effort is continuous, -1 opens).
+def standardize_metaworld(raw: Mapping[str, np.ndarray]):
+  """Meta-World: action (4) and state (4) as recorded."""
+  return raw["action"].astype(np.float32), raw["observation/state"].astype(np.float32)
+
+
+OXE_DATASETS["metaworld"] = DatasetSpec(
+    name="metaworld", image_keys=("image",), image_shape=(112, 112),
+    language_key="language_instruction",
+    lowdim_keys={"action": (4,), "observation/state": (4,)},
+    standardize=standardize_metaworld, action_dim=4, state_dim=4,
+    action_normalize_mask=(False,) * 4, action_binarize_mask=(False,) * 4,
+    state_normalize_mask=(True,) * 4)
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -15,9 +15,15 @@ from PIL import Image
 
 from twinbrain_jax.data.oxe_registry import DatasetSpec
 
+ARRAY_RECORD = "array_record"
+
 
 class DataError(ValueError):
   """Bad input data: names the dataset, the episode and the key, and what to do."""
+
+
+class EmptyEpisodeError(DataError):
+  """An episode with no step to train on (0 steps, or none left after standardisation)."""
 
 
 def _version_key(name: str):
@@ -27,13 +33,12 @@ def _version_key(name: str):
     return (-1,)
 
 
-def resolve_dataset_dir(data_dir: str, name: str, version: str | None = None) -> str:
-  """`<data_dir>/<name>/<version>` (the newest version if None); a clear error if absent."""
-  root = os.path.join(data_dir, name)
+def resolve_version_dir(root: str, name: str, version: str | None = None) -> str:
+  """`<root>/<version>` (the newest version if None) of dataset `name`; a clear error if absent."""
   if not os.path.isdir(root):
     raise FileNotFoundError(
         f"Dataset directory {root!r} for dataset {name!r} does not exist. Download the RLDS data "
-        f"into {data_dir!r} (TFDS layout <name>/<version>/) or fix data.data_dir.")
+        "(TFDS layout <data_dir>/<name>/<version>/) or fix data.data_dir / the entry's 'dir'.")
   if version is None:
     versions = sorted((v for v in os.listdir(root)
                        if os.path.isfile(os.path.join(root, v, "dataset_info.json"))),
@@ -46,6 +51,11 @@ def resolve_dataset_dir(data_dir: str, name: str, version: str | None = None) ->
   if not os.path.isfile(os.path.join(path, "dataset_info.json")):
     raise FileNotFoundError(f"Dataset {name!r}: {path!r} has no dataset_info.json.")
   return path
+
+
+def resolve_dataset_dir(data_dir: str, name: str, version: str | None = None) -> str:
+  """`<data_dir>/<name>/<version>` (the newest version if None); a clear error if absent."""
+  return resolve_version_dir(os.path.join(data_dir, name), name, version)
 
 
 def _flatten_features(features, prefix: str = "") -> dict:
@@ -86,17 +96,22 @@ class RldsDataset:
     spec: the registry entry that says which keys are read.
     path: the TFDS version directory.
     split: the split read.
+    cameras: the observation keys of the cameras in use (`spec.image_keys[:num_cameras]`); only
+      these must exist in the data.
   """
 
-  def __init__(self, path: str, spec: DatasetSpec, split: str = "train"):
+  def __init__(self, path: str, spec: DatasetSpec, split: str = "train",
+               num_cameras: int | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.path, self.spec, self.split = path, spec, split
+    self.cameras = tuple(spec.image_keys[:num_cameras])
     builder = tfds.builder_from_directory(path)
-    file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
-    if file_format != "array_record":
+    # In-place conversions keep `fileFormat: tfrecord` and list ArrayRecord as an alternative.
+    formats = {str(getattr(f, "value", f)) for f in builder.info.available_file_formats()}
+    if ARRAY_RECORD not in formats:
       raise DataError(
-          f"Dataset {spec.name!r} at {path!r} is stored as {file_format!r}; random access needs "
-          "ArrayRecord. Convert it with `python scripts/convert_tfrecord.py "
+          f"Dataset {spec.name!r} at {path!r} is stored as {' + '.join(sorted(formats))!r}; "
+          "random access needs ArrayRecord. Convert it with `python scripts/convert_tfrecord.py "
           f"--dataset_dir={path}` (needs the `tf` extra).")
     if split not in builder.info.splits:
       raise DataError(f"Dataset {spec.name!r} at {path!r} has no split {split!r}; splits: "
@@ -104,7 +119,7 @@ class RldsDataset:
     self._check_schema(builder.info.features)
     image_decoders = {k: tfds.decode.SkipDecoding() for k in self._image_features}
     self._source = builder.as_data_source(
-        split=split, decoders={"steps": _nest(image_decoders)})
+        split=split, decoders={"steps": _nest(image_decoders)}, file_format=ARRAY_RECORD)
 
   def _check_schema(self, features):
     """Every key the spec reads must exist with the expected per-step shape."""
@@ -115,7 +130,7 @@ class RldsDataset:
     self._image_features = {
         k for k, f in step_features.items() if type(f).__name__ == "Image"}
     wanted = dict(self.spec.lowdim_keys)
-    for key in self.spec.image_keys:
+    for key in self.cameras:
       wanted[f"observation/{key}"] = tuple(self.spec.image_shape) + (3,)
     wanted[self.spec.language_key] = ()
     for key, shape in wanted.items():
@@ -123,7 +138,9 @@ class RldsDataset:
         raise DataError(
             f"Dataset {self.spec.name!r} at {self.path!r}: missing feature key 'steps/{key}'; "
             f"the step keys are: {', '.join(sorted(step_features))}. Check that the data matches "
-            "the registry entry in twinbrain_jax/data/oxe_registry.py.")
+            f"the registry entry {self.spec.registry_name!r} in "
+            "twinbrain_jax/data/oxe_registry.py"
+            + (" (or use fewer cameras: data.num_cameras)." if "image" in key else "."))
       found = tuple(step_features[key].shape)
       if found != tuple(shape):
         raise DataError(
@@ -137,17 +154,34 @@ class RldsDataset:
     try:
       record = self._source[index]
     except Exception as e:  # ArrayRecord/proto errors carry no episode context.
-      raise DataError(f"Dataset {self.spec.name!r}: cannot read episode {index} from "
+      raise DataError(f"Dataset {self.spec.name!r}: cannot read record {index} from "
                       f"{self.path!r}: {e}") from e
-    return Episode(self, index, record["steps"])
+    return Episode(self, index, record["steps"], record.get("episode_metadata") or {})
+
+
+def _metadata_text(value) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="replace")
+  return str(value.item() if isinstance(value, np.ndarray) and value.size == 1 else value)
 
 
 class Episode:
-  """One RLDS episode with lazily decoded steps."""
+  """One RLDS episode with lazily decoded steps.
 
-  def __init__(self, dataset: RldsDataset, index: int, steps: Sequence[Mapping]):
+  Attributes:
+    index: the record index in the split.
+    episode_id: the dataset's own name of the episode: `episode_metadata/episode_id`, else
+      `episode_metadata/file_path`, else "record <index>".
+  """
+
+  def __init__(self, dataset: RldsDataset, index: int, steps: Sequence[Mapping],
+               metadata: Mapping | None = None):
     self._dataset, self.index, self._steps = dataset, index, steps
     self._cache: dict[int, Mapping] = {}
+    metadata = metadata or {}
+    self._names = {k: _metadata_text(metadata[k]) for k in ("episode_id", "file_path")
+                   if k in metadata}
+    self.episode_id = next(iter(self._names.values()), f"record {index}")
 
   @property
   def spec(self) -> DatasetSpec:
@@ -161,14 +195,23 @@ class Episode:
       self._cache[t] = self._steps[t]
     return self._cache[t]
 
+  def where(self) -> str:
+    """`dataset 'x', record 3 (episode_id=..., file_path=...)`: enough to find the episode."""
+    names = ", ".join(f"{k}={v!r}" for k, v in self._names.items())
+    return (f"dataset {self._dataset.spec.name!r}, record {self.index}"
+            + (f" ({names})" if names else ""))
+
   def _where(self, key: str) -> str:
-    return f"dataset {self._dataset.spec.name!r}, episode {self.index}, key 'steps/{key}'"
+    return f"{self.where()}, key 'steps/{key}'"
 
   def lowdim(self) -> dict[str, np.ndarray]:
     """Stacked `[T, ...]` float arrays of every key in `spec.lowdim_keys`."""
     out = {}
     for key, shape in self._dataset.spec.lowdim_keys.items():
-      values = [np.asarray(_get_path(self._step(t), key)) for t in range(len(self))]
+      try:
+        values = [np.asarray(_get_path(self._step(t), key)) for t in range(len(self))]
+      except KeyError as e:
+        raise DataError(f"{self._where(key)}: missing in this episode ({e}).") from e
       array = (np.stack(values).astype(np.float32) if values
                else np.zeros((0,) + tuple(shape), np.float32))
       if array.shape[1:] != tuple(shape):
@@ -194,25 +237,3 @@ class Episode:
       raise DataError(f"{self._where(key)}, step {t}: image shape {image.shape}, expected "
                       f"{expected}.")
     return image
-
-
-def convert_to_array_record(dataset_dir: str, out_dir: str | None = None,
-                            num_workers: int = 8, overwrite: bool = False) -> None:
-  """Converts a published TFRecord RLDS dataset version directory to ArrayRecord.
-
-  Reading TFRecord needs TensorFlow (the `tf` extra). With `out_dir=None` the ArrayRecord shards
-  are written next to the TFRecord ones and `dataset_info.json` lists both formats.
-  """
-  try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-  except ImportError as e:
-    raise ImportError(
-        "Converting TFRecord RLDS data needs TensorFlow: pip install 'twinbrain_jax[tf]' "
-        "(tensorflow-cpu). Already-converted ArrayRecord data is read without it.") from e
-  from tensorflow_datasets.scripts.cli import convert_format_utils  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(dataset_dir, "dataset_info.json")):
-    raise FileNotFoundError(f"{dataset_dir!r} is not a TFDS dataset version directory (no "
-                            "dataset_info.json); pass e.g. <data_dir>/bridge_dataset/1.0.0.")
-  convert_format_utils.convert_dataset(
-      out_dir=out_dir, out_file_format="array_record", dataset_version_dir=dataset_dir,
-      overwrite=overwrite, num_workers=num_workers)
