@@ -1,0 +1,283 @@
+"""Meta-World demonstrations written as an RLDS dataset (TFDS, ArrayRecord).
+
+The dataset is registry entry `metaworld` (twinbrain_jax/data/oxe_registry.py), so the pipeline,
+the statistics and the training loop read it like the OXE datasets:
+`data_dir=<out>`, `datasets=("metaworld",)` reads `<out>/metaworld/1.0.0/`.
+
+Per task, the scripted expert runs from the data seeds `offset, offset + 1, ...` (disjoint from
+the evaluation seeds, see `sim.metaworld`), first without rendering. With `action_noise = s` the
+executed action is the expert's plus N(0, s^2) noise and the recorded action stays the expert's
+at the visited state (DART-style: noise widens the states seen, labels stay clean). An episode
+that succeeds within the limit is replayed with rendering (MuJoCo is deterministic; the replay is
+checked to match) and written up to and including its first successful step; a failed one is
+dropped and counted. Rendering only the kept episodes is what makes this affordable on a CPU.
+
+Schema:
+  steps/observation/image   uint8 [H, W, 3] PNG (lossless: training sees what evaluation renders)
+  steps/observation/state   float32 [4]   hand xyz ‖ gripper opening
+  steps/action              float32 [4]   xyz delta ‖ gripper effort, in [-1, 1]
+  steps/reward (Meta-World's dense reward), discount, is_first, is_last, is_terminal (the last
+    step reached success), language_instruction
+  episode_metadata: episode_id "<task>/seed_<seed>", task, seed, action_noise
+Records are in generation order (task by task, seed by seed). `metaworld_generation.json` next to
+the data holds the per-task expert success rates, dropped episodes and timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from twinbrain_jax.sim import metaworld as mw
+
+NAME = "metaworld"
+VERSION = "1.0.0"
+REPORT_FILE = "metaworld_generation.json"
+
+
+@dataclasses.dataclass
+class TaskReport:
+  """Outcome of one task: `attempted` expert episodes, `kept` successful ones written."""
+  task: str
+  attempted: int = 0
+  kept: int = 0
+  frames: int = 0
+  seconds: float = 0.0
+  seeds_kept: list[int] = dataclasses.field(default_factory=list)
+
+  @property
+  def dropped(self) -> int:
+    return self.attempted - self.kept
+
+  @property
+  def success_rate(self) -> float:
+    return self.kept / self.attempted if self.attempted else 0.0
+
+  def to_json(self) -> dict:
+    return dict(dataclasses.asdict(self), dropped=self.dropped, success_rate=self.success_rate)
+
+
+@dataclasses.dataclass
+class DatasetReport:
+  """What `write_dataset` wrote (also stored as JSON next to the data)."""
+  path: str
+  tasks: list[TaskReport]
+  image_size: tuple[int, int]
+  episodes_per_task: int
+  action_noise: float
+  seed_offset: int
+  max_steps: int | None
+  seconds: float = 0.0
+
+  @property
+  def frames(self) -> int:
+    return sum(t.frames for t in self.tasks)
+
+  def to_json(self) -> dict:
+    return dict(path=self.path, image_size=list(self.image_size),
+                episodes_per_task=self.episodes_per_task, action_noise=self.action_noise,
+                seed_offset=self.seed_offset, max_steps=self.max_steps,
+                seconds=self.seconds, frames=self.frames,
+                frames_per_second=self.frames / self.seconds if self.seconds else 0.0,
+                camera=mw.CAMERA, camera_pos=list(mw.CAMERA_POS),
+                tasks=[t.to_json() for t in self.tasks])
+
+
+def features(image_size: tuple[int, int]) -> tfds.features.FeaturesDict:
+  """The episode schema of the module docstring, frames `image_size` = (H, W)."""
+  scalar = lambda dtype: tfds.features.Scalar(dtype=dtype)
+  vector = tfds.features.Tensor(shape=(mw.STATE_DIM,), dtype=np.float32)
+  return tfds.features.FeaturesDict({
+      "steps": tfds.features.Dataset({
+          "observation": {
+              "image": tfds.features.Image(shape=(*image_size, 3), dtype=np.uint8,
+                                           encoding_format="png"),
+              "state": vector,
+          },
+          "action": tfds.features.Tensor(shape=(mw.ACTION_DIM,), dtype=np.float32),
+          "reward": scalar(np.float32), "discount": scalar(np.float32),
+          "is_first": scalar(np.bool_), "is_last": scalar(np.bool_),
+          "is_terminal": scalar(np.bool_),
+          "language_instruction": tfds.features.Text(),
+      }),
+      "episode_metadata": {
+          "episode_id": tfds.features.Text(), "task": tfds.features.Text(),
+          "seed": scalar(np.int64), "action_noise": scalar(np.float32),
+      },
+  })
+
+
+class MetaWorldRlds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Writes the given `(key, episode)` examples as one "train" split, in order."""
+  name = NAME
+  VERSION = tfds.core.Version(VERSION)
+  # No checksums or metadata files ship with this builder (see data/generate.py).
+  code_path = None
+
+  def __init__(self, *, image_size: tuple[int, int], examples: Iterator[tuple[str, dict]],
+               **kwargs):
+    self._image_size, self._examples = image_size, examples
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=features(self._image_size), disable_shuffling=True,
+        description="Meta-World scripted-expert demonstrations (twinbrain_jax.sim).")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    return self._examples
+
+
+def expert_episode(env: mw.MetaWorldEnv, seed: int, action_noise: float = 0.0,
+                   expert: Callable[[np.ndarray], np.ndarray] | None = None,
+                   ) -> tuple[mw.Rollout, np.ndarray] | None:
+  """One expert demonstration: `(rendered rollout, expert actions [T, 4])`, None if it failed.
+
+  The rollout's `actions` are the executed ones (noisy if `action_noise > 0`); the returned
+  expert actions are what the dataset records (equal to them without noise).
+  """
+  expert = expert or mw.expert_policy(env.task)
+  rng = np.random.default_rng(seed)
+
+  def act(ts: mw.TimeStep) -> np.ndarray:
+    action = expert(ts.raw)
+    return action + rng.normal(0.0, action_noise, action.shape) if action_noise else action
+
+  plan = mw.rollout(env, act, seed, render=False)
+  if not plan.success:
+    return None
+  shown = mw.rollout(env, lambda ts: plan.actions[ts.step], seed, render=True)
+  if not (shown.success and np.array_equal(shown.raws, plan.raws)):
+    raise RuntimeError(f"{env.task} seed {seed}: the rendered replay did not reproduce the "
+                       "expert's episode; MuJoCo stepping is not deterministic here.")
+  return shown, np.stack([expert(raw) for raw in shown.raws]).astype(np.float32)
+
+
+def _png(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # ~10x faster, ~same size.
+  return buf.getvalue()
+
+
+def episode_example(episode: mw.Rollout, actions: np.ndarray, action_noise: float) -> dict:
+  """A rendered rollout and its recorded actions `[T, 4]` -> one RLDS episode (TFDS example)."""
+  instruction, last = mw.INSTRUCTIONS[episode.task], len(episode) - 1
+  steps = [{
+      "observation": {"image": _png(episode.images[t]), "state": episode.states[t]},
+      "action": actions[t], "reward": float(episode.rewards[t]), "discount": 1.0,
+      "is_first": t == 0, "is_last": t == last, "is_terminal": t == last and episode.success,
+      "language_instruction": instruction,
+  } for t in range(len(episode))]
+  metadata = {"episode_id": f"{episode.task}/seed_{episode.seed}", "task": episode.task,
+              "seed": episode.seed, "action_noise": action_noise}
+  return {"steps": steps, "episode_metadata": metadata}
+
+
+def _examples(tasks: Sequence[str], seeds: Sequence[int], image_size, max_steps, action_noise,
+              reports: list[TaskReport], progress) -> Iterator[tuple[str, dict]]:
+  """Runs the experts task by task, filling `reports`, and yields the kept episodes."""
+  for task in tasks:
+    report = TaskReport(task)
+    reports.append(report)
+    start = time.perf_counter()
+    with mw.make_env(task, image_size, max_steps) as env:
+      expert = mw.expert_policy(task)
+      for seed in seeds:
+        result = expert_episode(env, seed, action_noise, expert)
+        report.attempted += 1
+        if result is None:
+          continue
+        episode, actions = result
+        example = episode_example(episode, actions, action_noise)
+        report.kept += 1
+        report.frames += len(episode)
+        report.seeds_kept.append(seed)
+        report.seconds = time.perf_counter() - start
+        yield f"{task}/seed_{seed}", example
+    report.seconds = time.perf_counter() - start
+    if progress is not None:
+      progress(report)
+  if not any(r.kept for r in reports):
+    raise RuntimeError(f"No expert episode succeeded on {', '.join(tasks)}; nothing to write "
+                       "(lower action_noise or raise max_steps).")
+
+
+def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
+                  episodes_per_task: int = 50,
+                  image_size: int | Sequence[int] = mw.DEFAULT_IMAGE_SIZE,
+                  action_noise: float = 0.0, seed_offset: int = 0,
+                  max_steps: int | None = None, overwrite: bool = False,
+                  progress: Callable[[TaskReport], None] | None = None) -> DatasetReport:
+  """Writes `<data_dir>/metaworld/1.0.0/` and returns the report (see the module docstring).
+
+  Args:
+    data_dir: TFDS data dir.
+    tasks: task names or groups (`sim.metaworld.resolve_tasks`), default MT10.
+    episodes_per_task: expert episodes attempted per task; the failed ones are dropped.
+    image_size: `(H, W)` or one int; the registry entry reads 112x112.
+    action_noise: std of the Gaussian noise added to the executed actions.
+    seed_offset: the first data seed.
+    max_steps: episode limit (None: Meta-World's 500).
+    overwrite: replace an existing dataset; otherwise that is an error.
+    progress: called with each task's report when the task is done.
+
+  The dataset is written under a temporary directory in `data_dir` and moved into place only
+  when complete, so an interrupted or failed run never leaves or damages a dataset.
+  """
+  tasks = mw.resolve_tasks(tasks)
+  seeds = mw.data_seeds(episodes_per_task, seed_offset)
+  size = mw.image_hw(image_size)
+  if not action_noise >= 0:
+    raise ValueError(f"action_noise must be >= 0; got {action_noise}.")
+  final = os.path.join(data_dir, NAME, VERSION)
+  if os.path.exists(final) and not overwrite:
+    raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it, or "
+                          "choose another data dir.")
+  os.makedirs(data_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{NAME}-incomplete-", dir=data_dir)
+  start = time.perf_counter()
+  reports: list[TaskReport] = []
+  try:
+    builder = MetaWorldRlds(
+        image_size=size, data_dir=tmp, file_format="array_record",
+        examples=_examples(tasks, seeds, size, max_steps, action_noise, reports, progress))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    report = DatasetReport(path=final, tasks=reports, image_size=size,
+                           episodes_per_task=episodes_per_task, action_noise=action_noise,
+                           seed_offset=seed_offset, max_steps=max_steps,
+                           seconds=time.perf_counter() - start)
+    written = str(builder.data_path)
+    with open(os.path.join(written, REPORT_FILE), "w") as f:
+      json.dump(report.to_json(), f, indent=1)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    if os.path.exists(final):  # overwrite: swap in the new one, then delete the old one.
+      old = tempfile.mkdtemp(prefix=f".{NAME}-old-", dir=data_dir)
+      os.rename(final, os.path.join(old, VERSION))
+      os.rename(written, final)
+      shutil.rmtree(old)
+    else:
+      os.rename(written, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return report
+
+
+def read_report(dataset_dir: str) -> dict:
+  """The generation report stored next to a dataset (`<data_dir>/metaworld/<version>`)."""
+  with open(os.path.join(dataset_dir, REPORT_FILE)) as f:
+    return json.load(f)
