@@ -147,7 +147,7 @@ def _check_readable(dataset_dir: str, expected: dict[str, int]) -> None:
       source[count - 1]
 
 
-def dataset_info_json(info) -> str:
+def _dataset_info_json(info) -> str:
   from tensorflow_datasets.core import dataset_info as dataset_info_lib  # pylint: disable=g-import-not-at-top
   return dataset_info_lib.get_dataset_info_json(info)
 
@@ -161,7 +161,7 @@ def _write_text_atomically(path: str, text: str) -> None:
 
 
 def _write_info(info, directory: str) -> None:
-  _write_text_atomically(os.path.join(directory, "dataset_info.json"), dataset_info_json(info))
+  _write_text_atomically(os.path.join(directory, "dataset_info.json"), _dataset_info_json(info))
 
 
 def _expected_episodes(shards: list[_Shard]) -> dict[str, int]:
@@ -188,7 +188,7 @@ def _convert_in_place(dataset_dir: str, info, num_workers: int,
     # TFRecord shards are untouched, so the dataset stays valid, only unconverted).
     unconverted = copy.deepcopy(info)
     unconverted.alternative_file_formats.remove(ARRAY_RECORD)
-    original_info = dataset_info_json(unconverted)
+    original_info = _dataset_info_json(unconverted)
   published = False
   try:
     _convert_all(shards, num_workers)
