@@ -1,0 +1,58 @@
+"""Serves a policy over websockets in openpi's wire format (openpi-client works unchanged).
+
+  python scripts/serve.py --bundle=/ckpt/run1/bundle --port=8000
+  python scripts/serve.py --checkpoint=/ckpt/run1/checkpoints --port=8000
+
+`--port=0` takes a free port; the line `serving on ws://HOST:PORT` says which. The policy is
+compiled before the server listens, so `GET /healthz` answering `OK` means ready. SIGTERM or
+Ctrl-C stops it cleanly.
+"""
+
+import asyncio
+import logging
+import sys
+
+from absl import flags
+
+from twinbrain_jax import cli
+from twinbrain_jax.serving.policy import Policy
+from twinbrain_jax.serving.server import PolicyServer
+
+_BUNDLE = flags.DEFINE_string("bundle", None, "An inference bundle (scripts/export.py).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Or a training run's checkpoint dir.")
+_STEP = flags.DEFINE_integer("step", None, "With --checkpoint: the step; default the latest.")
+_TOKENIZER = flags.DEFINE_string("tokenizer_dir", None,
+                                 "With --checkpoint: default the run's init.tokenizer.")
+_HOST = flags.DEFINE_string("host", "0.0.0.0", "Interface to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port; 0 picks a free one.")
+_DATASET = flags.DEFINE_string("dataset", None, "Dataset (embodiment) of observations that name "
+                               "none; default the policy's only one.")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed of observations that carry none.")
+_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype; default the config's.")
+_MAX_MESSAGE_MB = flags.DEFINE_float("max_message_mb", 64, "Larger requests get an error reply.")
+
+
+def main(argv):
+  del argv
+  # Our log names the client of every connection and bad request; websockets' says less.
+  logging.getLogger("websockets").setLevel(logging.WARNING)
+  if (_BUNDLE.value is None) == (_CHECKPOINT.value is None):
+    sys.exit("error: pass exactly one of --bundle and --checkpoint.")
+  try:
+    policy = Policy.load(_BUNDLE.value or _CHECKPOINT.value, step=_STEP.value,
+                         tokenizer_dir=_TOKENIZER.value, compute_dtype=_DTYPE.value,
+                         seed=_SEED.value, default_dataset=_DATASET.value)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  compile_s = policy.warmup()[1]
+  print(f"compiled the sampler in {compile_s:.1f} s; datasets {sorted(policy.datasets)}",
+        flush=True)
+  server = PolicyServer(policy, _HOST.value, _PORT.value, int(_MAX_MESSAGE_MB.value * 2**20))
+  ready = lambda host, port: print(f"serving on ws://{host}:{port}", flush=True)
+  asyncio.run(server.serve(on_ready=ready))
+  print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(main)

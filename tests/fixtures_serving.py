@@ -1,0 +1,75 @@
+"""A tiny policy in both served forms, built once per test session by the project's own paths:
+a training checkpoint (the tiny preset's initial train state, norm stats computed by the data
+pipeline on the generated bridge/fractal datasets, a synthetic tokenizer) and the float32
+inference bundle `export.export_checkpoint` writes from it.
+
+    from fixtures_data import oxe_data_dir  # noqa: F401  (pytest fixtures)
+    from fixtures_serving import tiny_policy_dirs  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from twinbrain_jax import sharding
+from twinbrain_jax.data.pipeline import DataPipeline
+from twinbrain_jax.models.tokenizer import write_synthetic_tokenizer
+from twinbrain_jax.models.twinbrain import TwinBrainVLA
+from twinbrain_jax.training import checkpoint as checkpoint_lib
+from twinbrain_jax.training import export, optimizer
+from twinbrain_jax.training import state as state_lib
+from twinbrain_jax.training.demo_data import CORPUS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import twinbrain as twinbrain_configs  # noqa: E402  (configs/ is not a package)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyDirs:
+  """Where the tiny policy lives, and the config it was trained with."""
+  checkpoint_dir: pathlib.Path
+  bundle_dir: pathlib.Path
+  config: ml_collections.ConfigDict
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dirs(tmp_path_factory, oxe_data_dir) -> PolicyDirs:
+  root = tmp_path_factory.mktemp("tiny_policy")
+  config = twinbrain_configs.get_config("tiny")
+  config.data.data_dir = oxe_data_dir
+  model_config = state_lib.model_config(config)
+  write_synthetic_tokenizer(root / "tokenizer", model_config.backbone, CORPUS,
+                            (model_config.action_token_id, model_config.propri_token_id))
+  config.init.tokenizer = str(root / "tokenizer")
+  pipeline = DataPipeline(config.data, train=False)  # Computes the norm stats, as training does.
+  norm_stats = {name: stats.to_json() for name, stats in pipeline.norm_stats.items()}
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.logical_axis_rules, mesh)
+  model = TwinBrainVLA(model_config)
+  state = state_lib.create_train_state(model, optimizer.make_optimizer(config.train), mesh,
+                                       rules, config.seed)
+  manager = checkpoint_lib.make_manager(str(root / "checkpoints"), config.checkpoint)
+  checkpoint_lib.save(manager, 0, state, data_iterator=None, norm_stats=norm_stats,
+                      config=checkpoint_lib.config_to_json(config))
+  manager.wait_until_finished()
+  manager.close()
+  bundle = export.export_checkpoint(root / "checkpoints", root / "bundle", dtype="float32")
+  return PolicyDirs(checkpoint_dir=root / "checkpoints", bundle_dir=bundle, config=config)
+
+
+def observation(seed: int, dataset: str = "bridge_dataset", image_shape=(96, 128),
+                instruction: str = "put the carrot on the plate") -> dict:
+  """A valid raw observation with a random image of `image_shape` and a random state."""
+  rng = np.random.default_rng(seed)
+  state_dim = {"bridge_dataset": 7, "fractal20220817_data": 8}[dataset]
+  return dict(image=rng.integers(0, 256, (*image_shape, 3), dtype=np.uint8),
+              state=rng.normal(size=state_dim).astype(np.float32), instruction=instruction,
+              dataset=dataset)

@@ -1,0 +1,147 @@
+"""Policy: the training preprocessing, un-normalised actions, compiles, batches, bad input."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fixtures_data import oxe_data_dir  # noqa: F401  (pytest fixture)
+from fixtures_serving import observation, tiny_policy_dirs  # noqa: F401
+from twinbrain_jax.data import normalization
+from twinbrain_jax.data.pipeline import DataPipeline
+from twinbrain_jax.models.twinbrain import sample_actions
+from twinbrain_jax.serving.policy import ObservationError, Policy
+from twinbrain_jax.training import loop
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_policy_dirs):
+  return Policy.load(tiny_policy_dirs.bundle_dir)
+
+
+def test_policy_preprocesses_like_the_training_pipeline(policy, tiny_policy_dirs):
+  """Raw episode data through the policy == the pipeline's sample through the training loop's
+  ModelInputs, for a step of each dataset (bridge state 7 -> padded 8, fractal 8)."""
+  config = tiny_policy_dirs.config
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.update(batch_size=4, num_epochs=1, shuffle=False)
+  pipeline = DataPipeline(data, train=False)
+  train_inputs = loop.model_inputs(config)
+  seen = set()
+  for batch in pipeline.batches:
+    for row in range(len(batch["dataset_id"])):
+      entry = pipeline.entries[int(batch["dataset_id"][row])]
+      if entry.spec.name in seen or batch["step_index"][row] == 0:
+        continue
+      seen.add(entry.spec.name)
+      episode = entry.source.episode(int(batch["episode_index"][row]))
+      t = int(batch["step_index"][row])
+      _, raw_states = normalization.standardized_episode(episode)
+      raw = dict(image=episode.image(t, entry.spec.image_keys[0]), state=raw_states[t],
+                 instruction=episode.instruction(t), dataset=entry.spec.name)
+      assert raw["image"].shape[:2] != tuple(data.image_size)  # The policy must resize.
+      want = train_inputs({k: batch[k][row:row + 1] for k in ("image", "instruction", "state")})
+      got = policy.model_batch([policy.check(raw)])
+      assert set(got) == set(want)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    if len(seen) == 2:
+      break
+  assert seen == {"bridge_dataset", "fractal20220817_data"}
+
+
+def test_actions_are_the_sampler_output_unnormalised_with_the_bundle_stats(policy):
+  obs = observation(seed=1, dataset="fractal20220817_data")
+  result = policy.infer(dict(obs, seed=7))
+  batch = policy.model_batch([policy.check(obs)])
+  grid = policy.inputs.image_grid_thw(1)
+  sample = jax.jit(lambda params, batch, rng: sample_actions(policy.bundle.model, params, batch,
+                                                             grid, rng))
+  normalized = np.asarray(sample(policy.bundle.params, batch, jax.random.key(7)))[0]
+  stats = policy.bundle.norm_stats["fractal20220817_data"]["action"]
+  low, high = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+  # Six movement dims map [-1, 1] to [q01, q99]; the gripper thresholds at 0.5 (see the spec).
+  want = (np.clip(normalized[:, :6], -1, 1) + 1) / 2 * (high[:6] - low[:6]) + low[:6]
+  assert result["actions"].shape == (16, 7) and result["actions"].dtype == np.float32
+  np.testing.assert_allclose(result["actions"][:, :6], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(result["actions"][:, 6], normalized[:, 6] > 0.5)
+  timing = result["policy_timing"]
+  assert all(timing[k] > 0 for k in ("preprocess_ms", "model_ms", "postprocess_ms"))
+
+
+def test_deterministic_per_seed_and_batch_rows_equal_single_calls(policy):
+  observations = [observation(seed=i, dataset=d, image_shape=s, instruction=text)
+                  for i, (d, s, text) in enumerate([
+                      ("bridge_dataset", (64, 64), "open the top drawer"),
+                      ("fractal20220817_data", (256, 320), "pick up the coke can"),
+                      ("bridge_dataset", (480, 640), "stack the green block")])]
+  single = [policy.infer(o)["actions"] for o in observations]
+  np.testing.assert_array_equal(policy.infer(observations[0])["actions"], single[0])
+  batched = policy.infer_batch(observations)["actions"]  # Padded to a batch of 4.
+  assert batched.shape == (3, 16, 7)
+  for got, want in zip(batched, single):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  # The actions depend on the observation and on the seed (so the checks above can fail).
+  assert np.abs(single[0] - single[2]).max() > 1e-3
+  reseeded = policy.infer(dict(observations[0], seed=123))["actions"]
+  assert np.abs(reseeded - single[0]).max() > 1e-3
+
+
+def test_compiles_once_per_batch_bucket(tiny_policy_dirs):
+  policy = Policy.load(tiny_policy_dirs.bundle_dir, max_batch_size=2)
+  for i, (shape, text) in enumerate([((50, 70), "close the middle drawer"),
+                                     ((300, 200), "put eggplant into yellow basket and then "
+                                                  "move the sponge to the left of the blue cloth"),
+                                     ((112, 112), "")]):
+    policy.infer(observation(seed=i, image_shape=shape, instruction=text))
+  assert sorted(policy.compile_seconds) == [1]
+  result = policy.infer_batch([observation(seed=i) for i in range(3)])  # Buckets 2 and 1.
+  assert result["actions"].shape == (3, 16, 7)
+  assert sorted(policy.compile_seconds) == [1, 2]
+
+
+def test_checkpoint_dir_serves_the_same_actions_as_its_bundle(policy, tiny_policy_dirs):
+  from_checkpoint = Policy.load(tiny_policy_dirs.checkpoint_dir)
+  obs = observation(seed=3)
+  np.testing.assert_allclose(from_checkpoint.infer(obs)["actions"],
+                             policy.infer(obs)["actions"], atol=1e-5)
+  assert from_checkpoint.metadata() == policy.metadata()
+
+
+def _bad(**changes):
+  obs = observation(seed=0)
+  for key, value in changes.items():
+    if value is None:
+      del obs[key]
+    else:
+      obs[key] = value
+  return obs
+
+
+@pytest.mark.parametrize("obs, message", [
+    (_bad(image=None), r"no 'image'.*send image \(uint8"),
+    (_bad(state=None, instruction=None), r"no 'state', 'instruction'"),
+    (_bad(image=np.zeros((64, 64, 3), np.float32)), r"'image'.*dtype float32.*uint8"),
+    (_bad(image=np.zeros((64, 64), np.uint8)), r"'image'.*shape \(64, 64\).*\[H, W, 3\]"),
+    (_bad(image=[np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 4), np.uint8)]),
+     r"'image\[1\]'.*shape \(8, 8, 4\)"),
+    (_bad(image="a picture"), r"'image'.*is a str; send a numpy array"),
+    (_bad(state=np.zeros(8, np.float32)), r"'state'.*shape \(8,\).*'bridge_dataset' expects \[7\]"),
+    (_bad(state=np.array([np.nan] * 7)), r"'state'.*not finite"),
+    (_bad(instruction=np.array([1, 2])), r"'instruction'.*ndarray; send the task as a str"),
+    (_bad(instruction="stack the block " * 100), r"'instruction'.*too long.*max_left_tokens"),
+    (_bad(dataset="kuka"), r"'dataset'\]='kuka' is unknown.*bridge_dataset"),
+    (_bad(seed=-1), r"'seed'\]=-1"),
+    (_bad(dataset=None), r"names no 'dataset'.*several.*send dataset="),
+    ([1, 2, 3], r"observation is a list; send a dict"),
+])
+def test_bad_observations_are_named(policy, obs, message):
+  with pytest.raises(ObservationError, match=message):
+    policy.infer(obs)
+
+
+def test_load_names_what_it_expected(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
+    Policy.load(tmp_path)
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    Policy.load(tmp_path / "missing")
