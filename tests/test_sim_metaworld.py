@@ -152,6 +152,10 @@ def test_seeds_fix_the_scene_and_data_and_evaluation_seeds_are_disjoint():
 def test_unknown_task_names_close_matches():
   with pytest.raises(mw.UnknownTaskError, match="did you mean door-open-v3"):
     mw.make_env("door-opne", 32)
+  with pytest.raises(mw.UnknownTaskError, match="names 10 tasks"):
+    mw.make_env("mt10", 32)
+  with pytest.raises(mw.UnknownTaskError, match="one task"):
+    mw.expert_policy("reach,push")
 
 
 @pytest.fixture(scope="module")

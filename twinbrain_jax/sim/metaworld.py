@@ -166,6 +166,15 @@ def resolve_tasks(names: str | Sequence[str]) -> tuple[str, ...]:
   return tuple(tasks)
 
 
+def resolve_task(name: str) -> str:
+  """One task name (suffix optional); a group or a list is an error naming what it holds."""
+  tasks = resolve_tasks(name)
+  if len(tasks) != 1:
+    raise UnknownTaskError(f"{name!r} names {len(tasks)} tasks ({', '.join(tasks[:4])}"
+                           f"{', ...' if len(tasks) > 4 else ''}); one task is needed here.")
+  return tasks[0]
+
+
 def _seed_range(num: int, start: int, stop: int, offset: int, what: str) -> tuple[int, ...]:
   first = start + offset
   if num < 0 or offset < 0 or first + num > stop:
@@ -224,7 +233,7 @@ def clip_action(action: np.ndarray) -> np.ndarray:
 
 def expert_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
   """Meta-World's scripted policy of `task`: raw observation `[39]` -> clipped action `[4]`."""
-  policy = _policies.ENV_POLICY_MAP[resolve_tasks(task)[0]]()
+  policy = _policies.ENV_POLICY_MAP[resolve_task(task)]()
   return lambda raw: clip_action(policy.get_action(raw))
 
 
@@ -269,7 +278,7 @@ class MetaWorldEnv:
 
   def __init__(self, task: str, image_size: int | Sequence[int] = DEFAULT_IMAGE_SIZE,
                max_steps: int | None = None):
-    (self.task,) = resolve_tasks(task)
+    self.task = resolve_task(task)
     self.instruction = INSTRUCTIONS[self.task]
     self.image_size = image_hw(image_size)
     cls = _env_dict.ALL_V3_ENVIRONMENTS[self.task]
@@ -318,7 +327,7 @@ class MetaWorldEnv:
     self._steps += 1
     return self._time_step(raw, float(reward), bool(info["success"]), render)
 
-  def _time_step(self, raw, reward, success, render) -> TimeStep:
+  def _time_step(self, raw: np.ndarray, reward: float, success: bool, render: bool) -> TimeStep:
     raw = np.asarray(raw, np.float64)
     return TimeStep(image=self.render() if render else None, state=state_from_raw(raw), raw=raw,
                     reward=reward, success=success, step=self._steps,
