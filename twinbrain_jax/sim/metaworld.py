@@ -234,7 +234,8 @@ def clip_action(action: np.ndarray) -> np.ndarray:
 def expert_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
   """Meta-World's scripted policy of `task`: raw observation `[39]` -> clipped action `[4]`."""
   policy = _policies.ENV_POLICY_MAP[resolve_task(task)]()
-  return lambda raw: clip_action(policy.get_action(raw))
+  # A copy: some policies edit the observation in place (door-open shifts the handle x by 0.05).
+  return lambda raw: clip_action(policy.get_action(np.array(raw, np.float64)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,10 +329,12 @@ class MetaWorldEnv:
     return self._time_step(raw, float(reward), bool(info["success"]), render)
 
   def _time_step(self, raw: np.ndarray, reward: float, success: bool, render: bool) -> TimeStep:
-    raw = np.asarray(raw, np.float64)
-    return TimeStep(image=self.render() if render else None, state=state_from_raw(raw), raw=raw,
-                    reward=reward, success=success, step=self._steps,
-                    truncated=self._steps >= self.max_steps)
+    image, raw = self.render() if render else None, np.array(raw, np.float64)
+    for array in (image, raw):  # Read-only: a policy editing its input cannot alter a record.
+      if array is not None:
+        array.flags.writeable = False
+    return TimeStep(image=image, state=state_from_raw(raw), raw=raw, reward=reward,
+                    success=success, step=self._steps, truncated=self._steps >= self.max_steps)
 
   def close(self) -> None:
     """Frees the GL context (else EGL complains at interpreter exit)."""
