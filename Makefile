@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -n 2
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/constraints.txt --upgrade pip
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[test,sim,tf]'
 	# The real openpi client for the server tests: without its numpy<2 pin (see pyproject.toml).
 	$(PY) -m pip install -q --no-deps -c requirements/constraints.txt openpi-client
