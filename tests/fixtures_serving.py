@@ -73,3 +73,14 @@ def observation(seed: int, dataset: str = "bridge_dataset", image_shape=(96, 128
   return dict(image=rng.integers(0, 256, (*image_shape, 3), dtype=np.uint8),
               state=rng.normal(size=state_dim).astype(np.float32), instruction=instruction,
               dataset=dataset)
+
+
+def bad_observation(**changes) -> dict:
+  """`observation(seed=0)` with keys replaced (None deletes the key)."""
+  obs = observation(seed=0)
+  for key, value in changes.items():
+    if value is None:
+      del obs[key]
+    else:
+      obs[key] = value
+  return obs

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fixtures_data import oxe_data_dir  # noqa: F401  (pytest fixture)
-from fixtures_serving import observation, tiny_policy_dirs  # noqa: F401
+from fixtures_serving import bad_observation, observation, tiny_policy_dirs  # noqa: F401
 from twinbrain_jax.data import normalization
 from twinbrain_jax.data.pipeline import DataPipeline
 from twinbrain_jax.models.twinbrain import sample_actions
@@ -108,31 +108,26 @@ def test_checkpoint_dir_serves_the_same_actions_as_its_bundle(policy, tiny_polic
   assert from_checkpoint.metadata() == policy.metadata()
 
 
-def _bad(**changes):
-  obs = observation(seed=0)
-  for key, value in changes.items():
-    if value is None:
-      del obs[key]
-    else:
-      obs[key] = value
-  return obs
-
-
 @pytest.mark.parametrize("obs, message", [
-    (_bad(image=None), r"no 'image'.*send image \(uint8"),
-    (_bad(state=None, instruction=None), r"no 'state', 'instruction'"),
-    (_bad(image=np.zeros((64, 64, 3), np.float32)), r"'image'.*dtype float32.*uint8"),
-    (_bad(image=np.zeros((64, 64), np.uint8)), r"'image'.*shape \(64, 64\).*\[H, W, 3\]"),
-    (_bad(image=[np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 4), np.uint8)]),
+    (bad_observation(image=None), r"no 'image'.*send image \(uint8"),
+    (bad_observation(state=None, instruction=None), r"no 'state', 'instruction'"),
+    (bad_observation(image=np.zeros((64, 64, 3), np.float32)),
+     r"'image'.*dtype float32.*uint8"),
+    (bad_observation(image=np.zeros((64, 64), np.uint8)),
+     r"'image'.*shape \(64, 64\).*\[H, W, 3\]"),
+    (bad_observation(image=[np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 4), np.uint8)]),
      r"'image\[1\]'.*shape \(8, 8, 4\)"),
-    (_bad(image="a picture"), r"'image'.*is a str; send a numpy array"),
-    (_bad(state=np.zeros(8, np.float32)), r"'state'.*shape \(8,\).*'bridge_dataset' expects \[7\]"),
-    (_bad(state=np.array([np.nan] * 7)), r"'state'.*not finite"),
-    (_bad(instruction=np.array([1, 2])), r"'instruction'.*ndarray; send the task as a str"),
-    (_bad(instruction="stack the block " * 100), r"'instruction'.*too long.*max_left_tokens"),
-    (_bad(dataset="kuka"), r"'dataset'\]='kuka' is unknown.*bridge_dataset"),
-    (_bad(seed=-1), r"'seed'\]=-1"),
-    (_bad(dataset=None), r"names no 'dataset'.*several.*send dataset="),
+    (bad_observation(image="a picture"), r"'image'.*is a str; send a numpy array"),
+    (bad_observation(state=np.zeros(8, np.float32)),
+     r"'state'.*shape \(8,\).*'bridge_dataset' expects \[7\]"),
+    (bad_observation(state=np.array([np.nan] * 7)), r"'state'.*not finite"),
+    (bad_observation(instruction=np.array([1, 2])),
+     r"'instruction'.*ndarray; send the task as a str"),
+    (bad_observation(instruction="stack the block " * 100),
+     r"'instruction'.*too long.*max_left_tokens"),
+    (bad_observation(dataset="kuka"), r"'dataset'\]='kuka' is unknown.*bridge_dataset"),
+    (bad_observation(seed=-1), r"'seed'\]=-1"),
+    (bad_observation(dataset=None), r"names no 'dataset'.*several.*send dataset="),
     ([1, 2, 3], r"observation is a list; send a dict"),
 ])
 def test_bad_observations_are_named(policy, obs, message):
@@ -141,7 +136,7 @@ def test_bad_observations_are_named(policy, obs, message):
 
 
 def test_load_names_what_it_expected(tmp_path):
-  with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
+  with pytest.raises(FileNotFoundError, match="neither an inference bundle .*config.json"):
     Policy.load(tmp_path)
   with pytest.raises(FileNotFoundError, match="not a directory"):
     Policy.load(tmp_path / "missing")

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 import processes
 from fixtures_data import oxe_data_dir  # noqa: F401  (pytest fixture)
-from fixtures_serving import REPO, observation, tiny_policy_dirs  # noqa: F401
+from fixtures_serving import REPO, bad_observation, observation, tiny_policy_dirs  # noqa: F401
 from twinbrain_jax.serving.policy import Policy
 
 # openpi-client 0.1.2 connects without a context manager, which websockets 17 deprecates.
@@ -95,7 +95,8 @@ def test_health_metadata_and_actions_equal_the_in_process_policy(server, policy)
 
 def test_concurrent_clients_get_their_own_answers(server, policy):
   _, port = server
-  requests = {c: [observation(seed=10 * c + j, dataset=("bridge_dataset", "fractal20220817_data")[j % 2],
+  datasets = ("bridge_dataset", "fractal20220817_data")
+  requests = {c: [observation(seed=10 * c + j, dataset=datasets[j % 2],
                               image_shape=(64 + 32 * c, 96), instruction=f"task {c} {j}")
                   for j in range(4)] for c in range(3)}
   expected = {c: [policy.infer(o)["actions"] for o in obs] for c, obs in requests.items()}
@@ -123,24 +124,15 @@ def test_concurrent_clients_get_their_own_answers(server, policy):
   assert min(np.abs(a - b).max() for i, a in enumerate(flat) for b in flat[i + 1:]) > 1e-4
 
 
-def _bad(**changes):
-  obs = observation(seed=0)
-  for key, value in changes.items():
-    if value is None:
-      del obs[key]
-    else:
-      obs[key] = value
-  return obs
-
-
 BAD_REQUESTS = [
-    (_bad(instruction=None), "no 'instruction'"),
-    (_bad(image=np.zeros((64, 64, 4), np.uint8)), r"'image'.*shape \(64, 64, 4\)"),
-    (_bad(image=np.zeros((64, 64, 3), np.float32)), "'image'.*dtype float32"),
-    (_bad(state=np.zeros(8, np.float32)), r"'state'.*shape \(8,\).*expects \[7\]"),
-    (_bad(instruction=7), "'instruction'.*is a int; send the task as a str"),
-    (_bad(dataset="kuka"), "'kuka' is unknown"),
-    (_bad(image=np.zeros((800, 800, 3), np.uint8)), r"1920\d+ bytes, more than.*limit of 1048576"),
+    (bad_observation(instruction=None), "no 'instruction'"),
+    (bad_observation(image=np.zeros((64, 64, 4), np.uint8)), r"'image'.*shape \(64, 64, 4\)"),
+    (bad_observation(image=np.zeros((64, 64, 3), np.float32)), "'image'.*dtype float32"),
+    (bad_observation(state=np.zeros(8, np.float32)), r"'state'.*shape \(8,\).*expects \[7\]"),
+    (bad_observation(instruction=7), "'instruction'.*is a int; send the task as a str"),
+    (bad_observation(dataset="kuka"), "'kuka' is unknown"),
+    (bad_observation(image=np.zeros((800, 800, 3), np.uint8)),
+     r"1920\d+ bytes, more than.*limit of 1048576"),
 ]
 
 

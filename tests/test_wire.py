@@ -37,7 +37,8 @@ def _array(data, dtype, shape):
     (b"\x93\x01\x02", "not msgpack"),  # A truncated array.
     (msgpack.packb([1, 2]), "holds a list; send a dict"),
     (msgpack.packb({1: 2}), "not msgpack"),  # Non-string map keys.
-    (_array(b"\x00" * 5, "<f4", [2]), r"shape \(2,\) and dtype float32 needs 8 bytes but carries 5"),
+    (_array(b"\x00" * 5, "<f4", [2]),
+     r"shape \(2,\) and dtype float32 needs 8 bytes but carries 5"),
     (_array(b"\x00" * 8, "|O", [1]), "dtype object; send bool, int, uint or float"),
     (_array(b"\x00" * 8, "nonsense", [8]), "invalid dtype"),
     (_array(b"\x00" * 8, "|u1", [-8]), "non-negative int `shape`"),

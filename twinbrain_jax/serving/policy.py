@@ -114,7 +114,8 @@ def batch_bucket(batch_size: int) -> int:
 
 
 class Policy:
-  """Observation dicts -> action chunks (see the module docstring).
+  """Observation dicts -> action chunks (see the module docstring). Not thread-safe: the server
+  calls it from one device thread.
 
   Attributes:
     bundle: the loaded model, params, config, norm stats and tokenizer.
@@ -180,7 +181,11 @@ class Policy:
     if (path / export.CONFIG_FILE).exists():
       bundle = export.load_bundle(path, compute_dtype)
     else:
-      bundle = export.bundle_from_checkpoint(path, step, tokenizer_dir, compute_dtype)
+      try:
+        bundle = export.bundle_from_checkpoint(path, step, tokenizer_dir, compute_dtype)
+      except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} is neither an inference bundle (it has no "
+                                f"{export.CONFIG_FILE}) nor a training checkpoint dir: {e}") from e
     return cls(bundle, **kwargs)
 
   @property
@@ -213,7 +218,8 @@ class Policy:
           f"The observation has no {', '.join(map(repr, missing))} (got keys "
           f"{sorted(map(str, observation))}); send image (uint8 [H, W, 3]), state (float [S]), "
           "instruction (str), optionally dataset (str) and seed (int).")
-    dataset = observation.get("dataset", self.default_dataset)
+    dataset = observation.get("dataset")
+    dataset = self.default_dataset if dataset is None else dataset
     if dataset is None:
       raise ObservationError(f"The observation names no 'dataset' and the policy has several "
                              f"({sorted(self.datasets)}); send dataset=<one of them>.")

@@ -1,0 +1,193 @@
+"""Benchmarks one policy inference, in process and over the websocket server.
+
+  python scripts/bench_policy.py --presets=tiny,small --repeats=20
+
+Per preset: a float32 bundle of the preset with random weights (exported by the project's own
+`export_bundle`, synthetic tokenizer and bridge statistics), one 480x640 camera frame, a 7-dim
+state and a 12-word instruction, batch 1. In process, the inference is split into preprocess
+(validation, resize/pad, tokenisation, normalisation), brains (both VLMs and the expert's
+cross-attention K/V), DiT steps (the ODE loop) and postprocess (un-normalisation), each timed
+after the device finished; `Policy.infer` end to end is timed apart. Over the socket,
+`scripts/serve.py` runs in a subprocess and the real openpi client measures the round trip.
+Medians of `--repeats` runs after a warm-up; compile times are reported apart.
+"""
+
+import functools
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from twinbrain_jax import cli
+from twinbrain_jax.data.normalization import ArrayStats
+from twinbrain_jax.models import twinbrain
+from twinbrain_jax.models.tokenizer import write_synthetic_tokenizer
+from twinbrain_jax.serving.policy import Policy
+from twinbrain_jax.training import checkpoint as checkpoint_lib
+from twinbrain_jax.training import export
+from twinbrain_jax.training.demo_data import CORPUS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import twinbrain as twinbrain_configs  # noqa: E402
+
+_PRESETS = flags.DEFINE_list("presets", ["tiny", "small"], "Presets of configs/twinbrain.py.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement (median reported).")
+_HANG_S = 600
+
+INSTRUCTION = "put the small spoon from the basket on the towel next to the blue cloth"
+
+
+def _median_ms(fn, repeats):
+  fn()  # Warm-up.
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def write_bundle(preset: str, directory: pathlib.Path) -> pathlib.Path:
+  """A float32 bundle of `preset` with random weights and synthetic bridge statistics."""
+  config = twinbrain_configs.get_config(preset)
+  config.data.datasets, config.data.weights = ("bridge_dataset",), (1.0,)
+  model_config = twinbrain.TwinBrainConfig.from_config_dict(config.model)
+  model = twinbrain.TwinBrainVLA(model_config)
+  obs, grid = twinbrain.synthetic_observation(model_config, (4,))
+  expert = model_config.action_expert
+  noisy = jnp.zeros((1, expert.action_horizon, expert.action_dim))
+  params = nn.unbox(jax.jit(lambda r: model.init(r, obs, grid, noisy, jnp.zeros(1)))(
+      jax.random.key(0))["params"])
+  rng = np.random.default_rng(0)
+  stats = lambda: ArrayStats.compute(rng.normal(size=(1000, 7))).to_json()
+  norm_stats = {"bridge_dataset": dict(action=stats(), state=stats())}
+  write_synthetic_tokenizer(directory / "tokenizer", model_config.backbone, CORPUS,
+                            (model_config.action_token_id, model_config.propri_token_id))
+  return export.export_bundle(params, checkpoint_lib.config_to_json(config), norm_stats,
+                              directory / "tokenizer", directory / "bundle", dtype="float32")
+
+
+def observation(seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return dict(image=rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+              state=rng.normal(size=7).astype(np.float32), instruction=INSTRUCTION)
+
+
+def bench_in_process(bundle_dir: pathlib.Path, repeats: int) -> dict:
+  policy = Policy.load(bundle_dir)
+  obs = observation()
+  compile_policy_s = policy.warmup()[1]
+  checked = [policy.check(obs)]
+  batch = policy.model_batch(checked)
+  model, params = policy.bundle.model, policy.bundle.params
+  grid = policy.inputs.image_grid_thw(1)
+
+  start = time.perf_counter()
+  brains = jax.jit(functools.partial(twinbrain.observation_context, model,
+                                     image_grid_thw=grid)).lower(params, batch).compile()
+  compile_brains_s = time.perf_counter() - start
+  context_kv, context_mask = brains(params, batch)
+  noise = jax.random.normal(jax.random.key(0), twinbrain.action_chunk_shape(model.config, 1))
+  start = time.perf_counter()
+  dit = jax.jit(functools.partial(twinbrain.denoise, model, num_steps=policy.num_steps,
+                                  method=policy.method)).lower(
+      params, batch, context_kv, context_mask, noise).compile()
+  compile_dit_s = time.perf_counter() - start
+  normalized = np.asarray(dit(params, batch, context_kv, context_mask, noise))
+
+  times = dict(
+      preprocess=_median_ms(lambda: policy.model_batch([policy.check(obs)]), repeats),
+      brains=_median_ms(lambda: jax.block_until_ready(brains(params, batch)), repeats),
+      dit=_median_ms(lambda: jax.block_until_ready(
+          dit(params, batch, context_kv, context_mask, noise)), repeats),
+      postprocess=_median_ms(lambda: policy.postprocess(normalized, checked), repeats),
+      infer=_median_ms(lambda: policy.infer(obs), repeats))
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  return dict(times, params_m=num_params / 1e6, num_steps=policy.num_steps,
+              compile_policy_s=compile_policy_s, compile_brains_s=compile_brains_s,
+              compile_dit_s=compile_dit_s)
+
+
+def bench_socket(bundle_dir: pathlib.Path, repeats: int, log_dir: pathlib.Path) -> dict:
+  from openpi_client.websocket_client_policy import WebsocketClientPolicy  # Test extra.
+
+  stdout = open(log_dir / "serve.out", "w")
+  server = subprocess.Popen(
+      [sys.executable, str(REPO / "scripts/serve.py"), f"--bundle={bundle_dir}",
+       "--host=127.0.0.1", "--port=0"], stdout=stdout, stderr=subprocess.DEVNULL,
+      start_new_session=True)
+  try:
+    deadline = time.monotonic() + _HANG_S
+    while not (match := re.search(r"serving on ws://127\.0\.0\.1:(\d+)",
+                                  (log_dir / "serve.out").read_text())):
+      if server.poll() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f"serve.py did not start: {(log_dir / 'serve.out').read_text()}")
+      time.sleep(0.5)
+    client = WebsocketClientPolicy(host="127.0.0.1", port=int(match.group(1)))
+    obs = observation()
+    timings = []
+
+    def request():
+      timings.append(client.infer(obs)["server_timing"])
+
+    round_trip = _median_ms(request, repeats)
+    client._ws.close()
+    server_ms = {k: float(np.median([t[k] for t in timings[1:]]))
+                 for k in ("preprocess_ms", "model_ms", "postprocess_ms", "queue_ms")}
+    return dict(round_trip=round_trip, **server_ms)
+  finally:
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=_HANG_S)
+    stdout.close()
+
+
+def main(argv):
+  del argv
+  rows = []
+  load_before = os.getloadavg()[0]
+  with tempfile.TemporaryDirectory() as tmp:
+    for preset in _PRESETS.value:
+      directory = pathlib.Path(tmp, preset)
+      directory.mkdir()
+      bundle = write_bundle(preset, directory)
+      rows.append(dict(preset=preset, **bench_in_process(bundle, _REPEATS.value),
+                       socket=bench_socket(bundle, _REPEATS.value, directory)))
+  print(f"\nPolicy inference on {jax.devices()[0].platform} ({os.cpu_count()} cores), fp32, "
+        "batch 1 (one 480x640 frame, 7-dim state, 12-word instruction), median of "
+        f"{_REPEATS.value} runs after a warm-up; 1-minute load average {load_before:.2f} before "
+        f"/ {os.getloadavg()[0]:.2f} after (above the core count, other processes shared the "
+        "CPU)\n")
+  print("| preset | params (M) | preprocess (ms) | brains (ms) | DiT steps (ms) | postprocess (ms) "
+        "| sum (ms) | Policy.infer (ms) | compile: sampler / brains / DiT (s) |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    parts = r["preprocess"] + r["brains"] + r["dit"] + r["postprocess"]
+    print(f"| {r['preset']} | {r['params_m']:.1f} | {r['preprocess']:.2f} | {r['brains']:.2f} | "
+          f"{r['dit']:.2f} ({r['num_steps']} steps) | {r['postprocess']:.2f} | {parts:.2f} | "
+          f"{r['infer']:.2f} | {r['compile_policy_s']:.1f} / {r['compile_brains_s']:.1f} / "
+          f"{r['compile_dit_s']:.1f} |")
+  print("\nOver the socket (scripts/serve.py in a subprocess, openpi-client on loopback)\n")
+  print("| preset | round trip (ms) | server preprocess (ms) | server model (ms) | "
+        "server postprocess (ms) | queue (ms) | transport + msgpack (ms) |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    s = r["socket"]
+    served = s["preprocess_ms"] + s["model_ms"] + s["postprocess_ms"] + s["queue_ms"]
+    print(f"| {r['preset']} | {s['round_trip']:.2f} | {s['preprocess_ms']:.2f} | "
+          f"{s['model_ms']:.2f} | {s['postprocess_ms']:.2f} | {s['queue_ms']:.2f} | "
+          f"{s['round_trip'] - served:.2f} |")
+
+
+if __name__ == "__main__":
+  cli.run(main)
