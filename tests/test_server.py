@@ -166,10 +166,13 @@ def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server, poli
 def test_a_message_over_the_hard_limit_closes_only_its_connection(server, policy):
   _, port = server
   with _raw(port) as raw:
-    raw.send(b"\x00" * (5 * MAX_MESSAGE_MB << 20))  # Over 4 x the limit: never read.
-    with pytest.raises(ConnectionClosed) as closed:
+    with pytest.raises((ConnectionClosed, OSError)) as closed:
+      raw.send(b"\x00" * (5 * MAX_MESSAGE_MB << 20))  # Over 4 x the limit: never read.
       raw.recv(timeout=HANG_S)
-    assert closed.value.rcvd.code == 1009  # "message too big"
+    # The server's close frame says why, unless the TCP reset it sends after (it leaves the
+    # rest of the message unread) overtook it.
+    if isinstance(closed.value, ConnectionClosed) and closed.value.rcvd is not None:
+      assert closed.value.rcvd.code == 1009  # "message too big"
   good = observation(seed=6)
   with _client(port) as client:
     np.testing.assert_allclose(client.infer(good)["actions"], policy.infer(good)["actions"],
