@@ -1,28 +1,35 @@
-"""Exports a training run's latest checkpoint as an inference bundle (params, config, norm
+"""Exports a training run's latest whole checkpoint as an inference bundle (params, config, norm
 stats, tokenizer).
 
   python scripts/export.py --checkpoint_dir=/ckpt/run1/checkpoints --out=/ckpt/run1/bundle \
       --dtype=bfloat16
+
+A damaged newer step is skipped with a warning; `scripts/checkpoints.py` lists the whole steps.
 """
+
+import sys
 
 from absl import flags
 
 from twinbrain_jax import cli
-from twinbrain_jax.training import export
+from twinbrain_jax.training import checkpoint, export
 
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "The run's checkpoint dir.",
                                       required=True)
 _OUT = flags.DEFINE_string("out", None, "The bundle directory (must not exist).", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"],
                            "Storage dtype of the exported params.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest whole one.")
 _TOKENIZER = flags.DEFINE_string("tokenizer_dir", None, "Default: the run's init.tokenizer.")
 
 
 def main(argv):
   del argv
-  out = export.export_checkpoint(_CHECKPOINT_DIR.value, _OUT.value, _DTYPE.value, _STEP.value,
-                                 _TOKENIZER.value)
+  try:
+    out = export.export_checkpoint(_CHECKPOINT_DIR.value, _OUT.value, _DTYPE.value, _STEP.value,
+                                   _TOKENIZER.value)
+  except (checkpoint.DamagedCheckpointError, FileNotFoundError, FileExistsError) as e:
+    sys.exit(f"error: {e}")
   print(f"wrote {out}")
 
 

@@ -1,10 +1,14 @@
-"""Checkpoints: restore onto another mesh, incompatible configs, crashes during a save, export."""
+"""Checkpoints: restore onto another mesh, incompatible configs, damaged steps, crashes during a
+save or a deletion, export."""
 
+import logging
 import os
+import shutil
 import sys
 import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -75,10 +79,81 @@ def test_checkpoint_of_another_model_is_a_clear_error(saved):
   _, abstract = _abstract(other)
   manager = checkpoint_lib.make_manager(directory, other.checkpoint)
   with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
-                     match=r"config\.model\.num_action_queries is 8 there but 4 now"):
+                     match=r"checkpoint .*/1 was written for another model: "
+                           r"config\.model\.num_action_queries is 8 there but 4 now\. Resume "
+                           r"with the config it was trained with") as raised:
     checkpoint_lib.restore(manager, abstract, data_iterator=None,
                            config=checkpoint_lib.config_to_json(other))
   manager.close()
+  assert not isinstance(raised.value, checkpoint_lib.DamagedCheckpointError)
+
+
+def _two_steps(saved_dir, tmp_path):
+  """A copy of the saved run with a second step (a copy of step 1) to damage: its dir."""
+  directory = tmp_path / "ckpt"
+  shutil.copytree(saved_dir, directory)
+  shutil.copytree(directory / "1", directory / "2")
+  assert [s.step for s in checkpoint_lib.list_steps(directory) if s.whole] == [1, 2]
+  return directory
+
+
+def _restore(config, directory, step=None):
+  """`checkpoint.restore` of `directory` onto `config`'s mesh: (step, state)."""
+  _, abstract = _abstract(config)
+  manager = checkpoint_lib.make_manager(str(directory), config.checkpoint)
+  try:
+    step, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=None, step=step,
+                                            config=checkpoint_lib.config_to_json(config))
+  finally:
+    manager.close()
+  return step, state
+
+
+def _remove(path):
+  shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@pytest.mark.parametrize("item", ["state", "config", "state/_METADATA", "_CHECKPOINT_METADATA"])
+def test_a_step_with_a_missing_item_is_damaged_and_resume_takes_the_previous_one(
+    saved, tmp_path, caplog, item):
+  config, state, saved_dir = saved
+  directory = _two_steps(saved_dir, tmp_path)
+  _remove(directory / "2" / item)
+  missing = item + "/" if (directory / "1" / item).is_dir() else item
+  statuses = checkpoint_lib.list_steps(directory)
+  assert [(s.step, s.whole) for s in statuses] == [(1, True), (2, False)]
+  assert missing in statuses[1].missing
+  # Asked for, the damaged step says what it lacks and which whole step to use instead.
+  with pytest.raises(checkpoint_lib.DamagedCheckpointError,
+                     match=rf"step 2 in .* is damaged or incomplete: .*{missing} .*missing.* The "
+                           r"latest whole step before it is 1: export it with scripts/export\.py "
+                           r"--step=1; re-running the training resumes from step 1 \(moving "
+                           r"step 2 to damaged/\)"):
+    _restore(config, directory, step=2)
+  # Resuming skips it with a warning and takes step 1.
+  with caplog.at_level(logging.WARNING):
+    step, restored = _restore(config, directory)
+  assert step == 1
+  assert any("Skipping checkpoint step 2" in r.getMessage() and missing in r.getMessage()
+             for r in caplog.records), caplog.text
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_unreadable_array_data_is_damage_not_a_config_mismatch(saved, tmp_path, caplog):
+  config, _, saved_dir = saved
+  directory = _two_steps(saved_dir, tmp_path)
+  # The largest shard file: array data the step's structure does not show missing.
+  data_files = sorted((directory / "2" / "state").glob("ocdbt.process_*/d/*"),
+                      key=lambda p: p.stat().st_size)
+  data_files[-1].unlink()
+  with pytest.raises(checkpoint_lib.DamagedCheckpointError,
+                     match=r"step 2 in .* is damaged or incomplete: state/ could not be read .*"
+                           r"latest whole step before it is 1"):
+    _restore(config, directory, step=2)
+  with caplog.at_level(logging.WARNING):
+    step, _ = _restore(config, directory)
+  assert step == 1 and "Skipping checkpoint step 2" in caplog.text
 
 
 _CRASH_SCRIPT = textwrap.dedent("""
@@ -148,3 +223,71 @@ def test_exported_bundle_samples_the_same_actions(saved, tmp_path):
   assert {x.dtype for x in jax.tree.leaves(bundle16.params)} == {np.dtype("bfloat16")}
   with pytest.raises(FileExistsError):
     export.export_bundle(state.all_params(), {}, {}, tokenizer_dir, out)
+
+
+def test_retention_renames_a_step_away_before_deleting_it(tmp_path, monkeypatch):
+  directory = tmp_path / "ckpt"
+  options = ml_collections.ConfigDict(dict(keep_last=2, keep_every=None, async_save=False))
+  manager = checkpoint_lib.make_manager(str(directory), options)
+
+  def save(step):
+    checkpoint_lib.save(manager, step, {"w": np.full((4, 4), step, np.float32)},
+                        data_iterator=None, norm_stats={}, config={})
+    manager.wait_until_finished()
+
+  for step in (1, 2, 3):
+    save(step)
+  # Retention dropped step 1 by renaming it into todelete/, which the next save emptied.
+  assert sorted(os.listdir(directory)) == ["2", "3", "todelete"]
+  assert os.listdir(directory / "todelete") == []
+  # A run killed before removing what it renamed: step 2 left whole under todelete/ ...
+  monkeypatch.setattr(checkpoint_lib, "purge_deleted", lambda directory: None)
+  save(4)
+  manager.close()
+  dropped = directory / "todelete" / "2"
+  assert checkpoint_lib.missing_parts(dropped) == ()
+  # ... and killed half-way through removing it: never a step again.
+  for path in sorted(p for p in dropped.rglob("*") if p.is_file())[::2]:
+    path.unlink()
+  assert [(s.step, s.whole) for s in checkpoint_lib.list_steps(directory)] == [(3, True),
+                                                                               (4, True)]
+  assert checkpoint_lib.latest_whole_step(directory) == 4
+  monkeypatch.undo()
+  checkpoint_lib.purge_deleted(directory)  # What the next run does at start-up.
+  assert sorted(os.listdir(directory)) == ["3", "4", "todelete"]
+  assert os.listdir(directory / "todelete") == []
+
+
+def test_export_and_the_scripts_never_pick_a_partly_deleted_step(saved, tmp_path, caplog):
+  config, state, saved_dir = saved
+  directory = _two_steps(saved_dir, tmp_path)
+  # What an in-place delete killed half-way leaves: state's files gone, its folders still there.
+  for path in (directory / "2" / "state").rglob("*"):
+    if path.is_file():
+      path.unlink()
+  assert (directory / "2" / "state" / "d").is_dir()
+  status = checkpoint_lib.list_steps(directory)[-1]
+  assert status.step == 2 and "state/_METADATA" in status.missing
+  with caplog.at_level(logging.WARNING):
+    params, _, norm_stats = export.restore_checkpoint(directory)
+  assert "Skipping checkpoint step 2" in caplog.text and norm_stats == NORM_STATS
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.all_params())):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  bundle = tmp_path / "bundle"
+  with pytest.raises(checkpoint_lib.DamagedCheckpointError, match=r"--step=1"):
+    export.export_checkpoint(directory, bundle, step=2)
+  assert not bundle.exists()
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  listed = processes.run([sys.executable, "scripts/checkpoints.py",
+                          f"--checkpoint_dir={directory}"], tmp_path / "list", cwd=REPO, env=env)
+  assert listed.returncode == 0, listed.stderr[-2000:]
+  rows = [line.split(None, 2) for line in listed.stdout.splitlines()[1:-1]]
+  assert rows[0] == ["1", "whole"] and rows[1][:2] == ["2", "damaged"]
+  assert "state/_METADATA" in rows[1][2]
+  assert listed.stdout.splitlines()[-1] == "latest whole step: 1"
+  done = processes.run([sys.executable, "scripts/export.py", f"--checkpoint_dir={directory}",
+                        f"--out={bundle}", "--step=2"], tmp_path / "export", cwd=REPO, env=env)
+  assert done.returncode == 1 and "wrote" not in done.stdout and not bundle.exists()
+  assert "error: Checkpoint step 2" in done.stderr and "--step=1" in done.stderr
+  assert "Traceback" not in done.stderr

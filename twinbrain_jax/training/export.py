@@ -123,8 +123,8 @@ def unnormalize_actions(bundle: Bundle, actions: np.ndarray, dataset: str) -> np
 
 def restore_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None
                        ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-  """The full `params` collection, config JSON and norm stats of the latest (or `step`'s)
-  checkpoint of a training run.
+  """The full `params` collection, config JSON and norm stats of the latest whole (or `step`'s)
+  checkpoint of a training run (`checkpoint.DamagedCheckpointError` if that step is damaged).
 
   The params are restored onto all local devices (`data` mesh axis) whatever mesh wrote them,
   in their training dtypes.
@@ -137,10 +137,9 @@ def restore_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = Non
 
   checkpoint_config = ml_collections.ConfigDict(dict(keep_last=1000, keep_every=None,
                                                      async_save=False))
+  # The latest *whole* step: a damaged newer one is skipped with a warning.
+  step = checkpoint_lib.latest_whole_step(checkpoint_dir) if step is None else step
   manager = checkpoint_lib.make_manager(str(checkpoint_dir), checkpoint_config)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No complete checkpoint in {checkpoint_dir}.")
   config_json, norm_stats = checkpoint_lib.read_metadata(manager, step)
   config = ml_collections.ConfigDict(config_json)
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
