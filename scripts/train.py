@@ -1,16 +1,27 @@
-"""Trains TwinBrainVLA; re-running the same command resumes from the latest checkpoint.
+"""Trains TwinBrainVLA; re-running the same command resumes from the latest whole checkpoint.
 
   python scripts/train.py --config=configs/twinbrain.py:qwen25vl_3b --workdir=/ckpt/run1 \
       --config.data.data_dir=/data/tfds --config.init.hf_checkpoint=/models/Qwen2.5-VL-3B-Instruct
 
-SIGTERM (preemption) saves a checkpoint at the next step boundary and exits with status 0.
+SIGTERM (preemption) or SIGINT saves a checkpoint at the next step boundary and exits with
+status 0; during start-up (imports included) it exits with status 0 before writing anything.
 """
 
-from absl import flags
-from ml_collections import config_flags
+import os
+import signal
+import sys
 
-from twinbrain_jax import cli, sharding
-from twinbrain_jax.training import loop
+# Before the (slow) imports: until `train` installs its own handler nothing has been written, so
+# a preemption notice or Ctrl-C ends the process at once with status 0. (`sys.exit` would not do:
+# its SystemExit is swallowed when the handler happens to run inside a gc callback.)
+for _signum in (signal.SIGTERM, signal.SIGINT):
+  signal.signal(_signum, lambda *_: os._exit(0))
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from twinbrain_jax import cli, sharding  # noqa: E402
+from twinbrain_jax.training import checkpoint, loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/twinbrain.py:tiny", "Config file:preset.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard events.", required=True)
@@ -20,11 +31,14 @@ def main(argv):
   del argv
   config = _CONFIG.value
   sharding.maybe_initialize_distributed(config.distributed)
-  result = loop.train(config, _WORKDIR.value)
+  try:
+    result = loop.train(config, _WORKDIR.value)
+  except checkpoint.DamagedCheckpointError as e:
+    sys.exit(f"error: {e}")
   last = max(result.losses) if result.losses else None
   print(f"stopped at step {result.final_step} (started at {result.start_step}, "
-        f"preempted={result.preempted}); last loss "
-        f"{result.losses[last] if last else float('nan'):.4f}", flush=True)
+        f"preempted={result.preempted}); "
+        f"{f'last loss {result.losses[last]:.4f}' if last else 'no step run'}", flush=True)
 
 
 if __name__ == "__main__":

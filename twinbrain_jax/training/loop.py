@@ -2,10 +2,12 @@
 
     result = train(config, workdir)
 
-Resumes from the latest complete checkpoint in `<workdir>/<checkpoint.dir>` when there is one
+Resumes from the latest whole checkpoint in `<workdir>/<checkpoint.dir>` when there is one
 (train state, data position and all), so re-running the same command after a crash or a
 preemption continues the run; the losses after a resume are those of an uninterrupted run.
-SIGTERM makes the loop save at the next step boundary and return (`result.preempted`).
+Damaged steps after it are skipped with a warning and moved to `damaged/`. SIGTERM or SIGINT
+makes the loop save at the next step boundary and return (`result.preempted`); during start-up
+it returns before writing anything.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
@@ -79,27 +82,32 @@ def model_inputs(config: ml_collections.ConfigDict) -> ModelInputs:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag read at step boundaries (main thread only)."""
+  """Turns SIGTERM and SIGINT into a flag read between start-up phases and at step boundaries
+  (main thread only). A second SIGINT interrupts at once, as Ctrl-C twice is meant to."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: no handler, no preemption saves.
-      self._previous = None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not the main thread: no handler, no preemption saves.
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting.")
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("%s: stopping at the next step boundary (with a checkpoint) or start-up "
+                    "phase (writing nothing).", signal.Signals(signum).name)
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
 def _writer(logdir: str):
@@ -126,7 +134,10 @@ def _eval_pipeline(config: ml_collections.ConfigDict, train_pipeline: DataPipeli
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+  """Trains `config` in `workdir`, resuming from its latest whole checkpoint.
+
+  SIGTERM or SIGINT during start-up returns before anything is written (`result.preempted`,
+  `result.state` None); during training, after saving at the next step boundary.
 
   Args:
     config: a `configs/twinbrain.py` config.
@@ -134,6 +145,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     stop_after: stop (with a checkpoint) after this many steps of this call, as if preempted.
     on_step: called with the step number after every step (tests use it to send signals).
   """
+  with _Preemption() as preemption:  # First, so that start-up is covered too.
+    return _train(config, workdir, preemption, stop_after, on_step)
+
+
+def _preempted_in_startup(checkpoint_dir: str, *to_close) -> TrainResult:
+  """Closes what start-up opened; the result of a run stopped before its first step."""
+  for closable in to_close:
+    closable.close()
+  start = max((s.step for s in checkpoint_lib.list_steps(checkpoint_dir) if s.whole), default=0)
+  logging.warning("Stopped during start-up; no checkpoint was written. Re-run to resume from "
+                  "step %d.", start)
+  return TrainResult(state=None, start_step=start, final_step=start, losses={}, eval_losses={},
+                     preempted=True, throughput={})
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemption,
+           stop_after: int | None, on_step: Callable[[int], None] | None) -> TrainResult:
+  checkpoint_dir = os.path.join(workdir, config.checkpoint.dir)
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.logical_axis_rules(config.logical_axis_rules, mesh)
   train_cfg = config.train
@@ -144,18 +173,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   tx = optimizer_lib.make_optimizer(train_cfg)
   schedules = optimizer_lib.group_schedules(train_cfg)
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
+  if preemption.requested:
+    return _preempted_in_startup(checkpoint_dir)
 
   pipeline = DataPipeline(config.data)
   data_iter = pipeline.iterator()
   eval_pipeline = _eval_pipeline(config, pipeline)
   norm_stats = {name: stats.to_json() for name, stats in pipeline.norm_stats.items()}
   config_json = checkpoint_lib.config_to_json(config)
+  if preemption.requested:
+    return _preempted_in_startup(checkpoint_dir, data_iter)
 
-  manager = checkpoint_lib.make_manager(os.path.join(workdir, config.checkpoint.dir),
-                                        config.checkpoint)
-  if manager.latest_step() is not None:
+  manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
+  checkpoint_lib.purge_deleted(checkpoint_dir)  # What a killed run's retention left.
+  if checkpoint_lib.list_steps(checkpoint_dir):
     start, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=data_iter,
                                              config=config_json)
+    if preemption.requested:
+      return _preempted_in_startup(checkpoint_dir, data_iter, manager)
+    # Steps after the restored one are damaged; this run saves those step numbers again.
+    for moved in checkpoint_lib.set_aside(checkpoint_dir, start):
+      logging.warning("Moved damaged checkpoint step to %s.", moved)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("twinbrain_jax:set_aside")
+    manager.reload()
     logging.info("Resumed from step %d of %s.", start, manager.directory)
   else:
     start = 0
@@ -163,6 +204,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     if config.init.hf_checkpoint:
       state = state_lib.load_pretrained_backbones(state, shardings, inputs.config,
                                                   config.init.hf_checkpoint, mesh, rules)
+    if preemption.requested:
+      return _preempted_in_startup(checkpoint_dir, data_iter, manager)
 
   batch_size = int(config.data.batch_size)
   grid = inputs.image_grid_thw(batch_size)
@@ -192,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     checkpoint_lib.save(manager, step, state, data_iterator=data_iter, norm_stats=norm_stats,
                         config=config_json, force=force)
 
-  with _Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     while step < train_cfg.num_steps:
       if preemption.requested or (jax.process_count() > 1 and manager.reached_preemption(step)):
         preempted = True
@@ -255,6 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
       save(force=True)
     manager.wait_until_finished()
   manager.close()
+  checkpoint_lib.purge_deleted(checkpoint_dir)  # The last save's retention.
   data_iter.close()
   if bar is not None:
     bar.close()
