@@ -1,6 +1,9 @@
 """TwinBrainVLA configs. Use as `--config=configs/twinbrain.py:<preset>`.
 
-Presets: `tiny` (tests, demo), `small` (benchmarks), `qwen25vl_3b`, `qwen25vl_7b`.
+Presets: `tiny` (tests, demo), `small` (benchmarks), `qwen25vl_3b`, `qwen25vl_7b`, and the
+Meta-World MT10 closed-loop runs (docs/metaworld.md), CPU-trainable: `metaworld_tiny`
+(TwinBrain), `metaworld_tiny_monolithic` (one VLM, no left brain) and `metaworld_tiny_blind`
+(TwinBrain trained and evaluated with every instruction replaced by "").
 Any field can be overridden on the command line, e.g. `--config.mesh.fsdp=4`.
 """
 
@@ -116,6 +119,41 @@ def _tiny():
   return c
 
 
+def _metaworld_tiny():
+  """The `tiny` backbone on Meta-World MT10 (`scripts/make_metaworld_dataset.py`): 112 px frames,
+  4-D state and action, chunks of 8 steps, executed 4 at a time (a new chunk every 4 steps)."""
+  c = _tiny()
+  c.data.update(datasets=("metaworld",), weights=(1.0,), state_dim=4, action_dim=4,
+                action_horizon=8, batch_size=32, read_threads=2, prefetch_batches=4)
+  c.data.augment.update(crop_scale=(0.95, 1.0), hue=0.0)  # Fixed camera: mild augmentation.
+  c.inputs.update(max_left_tokens=64, max_right_tokens=96)
+  c.model.state_dim = 4
+  c.model.state_hidden_dim = 128
+  c.model.action_expert.update(num_layers=4, num_heads=4, head_dim=32, num_future_tokens=4,
+                               hidden_dim=128, action_dim=4, action_horizon=8, state_dim=4,
+                               dropout=0.0)
+  c.flow.update(num_repeats=4, num_steps=8)
+  c.execution.update(replan_steps=4, ensemble="none", horizon=8)
+  c.train.update(num_steps=3000, log_every=50, eval_every=1000, progress_bar=False)
+  c.train.optimizer.update(warmup_steps=200, min_lr=1e-5, lr=dict(
+      right=1e-3, state_encoder=1e-3, action_expert=1e-3))
+  c.checkpoint.update(every=250, keep_last=2)
+  c.checkpoint.keep_every = None
+  return c
+
+
+def _metaworld_tiny_monolithic():
+  c = _metaworld_tiny()
+  c.model.variant = "monolithic"
+  return c
+
+
+def _metaworld_tiny_blind():
+  c = _metaworld_tiny()
+  c.data.drop_instruction = True
+  return c
+
+
 def _small():
   c = _base("small")
   c.model.action_expert.update(num_layers=4, num_heads=4, head_dim=64, num_future_tokens=32,
@@ -135,7 +173,10 @@ def _qwen25vl_7b():
   return c
 
 
-PRESETS = dict(tiny=_tiny, small=_small, qwen25vl_3b=_qwen25vl_3b, qwen25vl_7b=_qwen25vl_7b)
+PRESETS = dict(tiny=_tiny, small=_small, qwen25vl_3b=_qwen25vl_3b, qwen25vl_7b=_qwen25vl_7b,
+               metaworld_tiny=_metaworld_tiny,
+               metaworld_tiny_monolithic=_metaworld_tiny_monolithic,
+               metaworld_tiny_blind=_metaworld_tiny_blind)
 
 
 def get_config(arg=None):

@@ -27,6 +27,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Mixture weights, one per entry; () takes each entry's `weight` (default 1).
   c.weights = (1.0, 1.0)
   c.split = "train"
+  # True: every sample's instruction is "" (the instruction-blind ablation); a policy of such a
+  # run is evaluated with "" too (sim/evaluation.py reads this flag from the run's config).
+  c.drop_instruction = False
   # Norm stats JSON location; None writes/reads `norm_stats.<split>.json` next to the data.
   c.stats_dir = config_dict.placeholder(str)
   # False: a malformed episode is an error. True: it is skipped, counted and logged. Episodes

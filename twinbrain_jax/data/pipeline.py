@@ -93,6 +93,7 @@ class SampleBuilder(grain.transforms.RandomMap):
     self._history = int(config.obs_history)
     self._horizon = int(config.action_horizon)
     self._pad_mode = config.pad_mode
+    self._drop_instruction = bool(config.get("drop_instruction", False))
     self._augment = config.augment.to_dict() if (train and config.augment.enabled) else None
     self._state_dim, self._action_dim = state_dim, action_dim
 
@@ -116,7 +117,7 @@ class SampleBuilder(grain.transforms.RandomMap):
         "state": model_state(states[t], stats.state, spec, self._state_dim),
         "actions": _pad_last(chunk, self._action_dim),
         "action_mask": action_mask,
-        "instruction": episode.instruction(t),
+        "instruction": "" if self._drop_instruction else episode.instruction(t),
         "dataset_id": np.int32(dataset_id),
         "episode_id": episode.episode_id,
         "episode_index": np.int32(episode_index),

@@ -281,3 +281,11 @@ def read_report(dataset_dir: str) -> dict:
   """The generation report stored next to a dataset (`<data_dir>/metaworld/<version>`)."""
   with open(os.path.join(dataset_dir, REPORT_FILE)) as f:
     return json.load(f)
+
+
+def write_tokenizer(directory: str, model_config) -> None:
+  """A synthetic tokenizer for a model trained from scratch on Meta-World (`config.model`): its
+  BPE is learned from the 50 instructions and the prompt templates (`demo_data.CORPUS`)."""
+  from twinbrain_jax.training import demo_data  # pylint: disable=g-import-not-at-top
+  corpus = [*mw.INSTRUCTIONS.values()] * 10 + demo_data.CORPUS
+  demo_data.write_tokenizer(directory, model_config, corpus)

@@ -19,6 +19,16 @@ CORPUS = ["pick up the coke can", "put the carrot on the plate", "open the top d
           "Instruction: \nAction Query: ", "user\n", "assistant\n", "\n"] * 10
 
 
+def write_tokenizer(directory: str, model_config: ml_collections.ConfigDict,
+                    corpus: list[str]) -> None:
+  """A synthetic BPE tokenizer for `model_config`'s backbone (its special-token ids, the right
+  brain's `<|action|>`/`<|propri|>` rows reserved), learned from `corpus`, in `directory`."""
+  backbone = Qwen25VLConfig.from_config_dict(model_config.backbone)
+  write_synthetic_tokenizer(directory, backbone, corpus,
+                            reserved_ids=(model_config.action_token_id,
+                                          model_config.propri_token_id))
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str, *, num_episodes: int = 12,
             num_eval_episodes: int = 4) -> ml_collections.ConfigDict:
   """Writes train and held-out datasets plus a tokenizer under `workdir`; returns `config`
@@ -35,10 +45,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, num_episodes: in
         generate.generate_dataset(_SCHEMAS[name], directory, num_episodes=episodes, seed=seed)
   tokenizer = os.path.join(workdir, "tokenizer")
   if not os.path.exists(os.path.join(tokenizer, "tokenizer.json")):
-    backbone = Qwen25VLConfig.from_config_dict(config.model.backbone)
-    write_synthetic_tokenizer(tokenizer, backbone, CORPUS,
-                              reserved_ids=(config.model.action_token_id,
-                                            config.model.propri_token_id))
+    write_tokenizer(tokenizer, config.model, CORPUS)
   config.data.data_dir = train_dir
   config.train.eval_data_dir = eval_dir
   config.init.tokenizer = tokenizer

@@ -1,0 +1,147 @@
+"""Closed-loop Meta-World evaluation: K episodes per task on the held-out evaluation seeds.
+
+  python scripts/eval_metaworld.py --policy=/work/mw_runs/twinbrain/checkpoints --tasks=mt10 \
+      --episodes=10 --output_dir=/tmp/mw_eval
+  python scripts/eval_metaworld.py --server=127.0.0.1:8000 ...     # scripts/serve.py, openpi-client
+  python scripts/eval_metaworld.py --policy=expert ...             # or --policy=random
+
+--policy is a bundle or checkpoint dir (run in this process), `expert` (Meta-World's scripted
+policies) or `random`; --server=host:port drives a policy server through openpi-client's
+`WebsocketClientPolicy`. Chunks are executed as the policy's `execution` block says (served in its
+metadata) unless --replan_steps / --ensemble / --horizon override it. Writes
+`<output_dir>/<label>.json`, `<label>_success.png` and GIFs of the first --num_videos episodes of
+each task under `<label>_videos/`; prints a table with 95 % Wilson intervals.
+"""
+
+import json
+import os
+import sys
+
+from absl import flags
+
+from twinbrain_jax import cli
+from twinbrain_jax.serving.execution import ENSEMBLE_MODES, ExecutionConfig
+from twinbrain_jax.sim import evaluation
+from twinbrain_jax.sim import metaworld as mw
+
+_POLICY = flags.DEFINE_string("policy", None, "A bundle or checkpoint dir, `expert` or `random`.")
+_SERVER = flags.DEFINE_string("server", None, "Or host:port of scripts/serve.py.")
+_STEP = flags.DEFINE_integer("step", None, "With a checkpoint dir: the step; default the latest.")
+_TOKENIZER = flags.DEFINE_string("tokenizer_dir", None, "With a checkpoint dir: default the "
+                                 "run's init.tokenizer.")
+_TASKS = flags.DEFINE_string("tasks", "mt10", "Tasks and groups (mt10, mt50, easy, reach-v3...).")
+_EPISODES = flags.DEFINE_integer("episodes", 10, "Episodes per task.")
+_SEED_OFFSET = flags.DEFINE_integer("seed_offset", 0, "First evaluation seed after 1 000 000.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", 400, "Episode limit (LeRobot's evaluation: 400; "
+                                  "Meta-World allows 500).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Rendered frame size; default the "
+                                   "policy's data.image_size (112 for expert/random).")
+_REPLAN = flags.DEFINE_integer("replan_steps", None, "Steps between chunk requests; default the "
+                               "policy's execution.replan_steps.")
+_ENSEMBLE = flags.DEFINE_enum("ensemble", None, ENSEMBLE_MODES, "none (chunk broker), temporal "
+                              "(ACT) or adaptive (CogACT); default the policy's.")
+_HORIZON = flags.DEFINE_integer("horizon", None, "Steps a chunk is used for; default the "
+                                "policy's.")
+_INSTRUCTIONS = flags.DEFINE_enum("instructions", "auto", ["auto", "task", "blank"],
+                                  "blank sends \"\" (instruction-blind ablation); auto: blank iff "
+                                  "the in-process policy's run set data.drop_instruction.")
+_LABEL = flags.DEFINE_string("label", None, "Name in the results; default the policy's.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the JSON, plot and videos go.",
+                                  required=True)
+_NUM_VIDEOS = flags.DEFINE_integer("num_videos", 1, "Episodes recorded per task (every frame).")
+_PLOT_WITH = flags.DEFINE_list("plot_with", [], "Earlier result JSONs drawn next to this one.")
+
+
+def _execution(served: dict | None) -> ExecutionConfig:
+  """The policy's execution block with the flags' overrides applied."""
+  base = ExecutionConfig.from_config_dict(served)
+  overrides = dict(replan_steps=_REPLAN.value, ensemble=_ENSEMBLE.value, horizon=_HORIZON.value)
+  fields = {**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}}
+  if overrides["replan_steps"] is not None and overrides["horizon"] is None:
+    fields["horizon"] = max(fields["horizon"], fields["replan_steps"])
+  return ExecutionConfig(**fields)
+
+
+def _agent():
+  """(agent, image size, label, a callable that releases it)."""
+  if (_POLICY.value is None) == (_SERVER.value is None):
+    sys.exit("error: pass exactly one of --policy (dir, expert, random) and --server=host:port.")
+  if _POLICY.value in ("expert", "random"):
+    agent = evaluation.ExpertAgent() if _POLICY.value == "expert" else evaluation.RandomAgent()
+    return agent, _IMAGE_SIZE.value or mw.DEFAULT_IMAGE_SIZE, lambda: None
+  if _SERVER.value is not None:
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy  # pylint: disable=g-import-not-at-top
+    host, _, port = _SERVER.value.rpartition(":")
+    if not host or not port.isdigit():
+      sys.exit(f"error: --server={_SERVER.value!r}; give host:port, e.g. 127.0.0.1:8000.")
+    client = WebsocketClientPolicy(host=host, port=int(port))
+    metadata = client.get_server_metadata()
+    drop = _INSTRUCTIONS.value == "blank"
+    agent = evaluation.ChunkAgent(client.infer, _execution(metadata.get("execution")),
+                                  name=f"server {_SERVER.value}", drop_instruction=drop)
+    size = _IMAGE_SIZE.value or tuple(metadata.get("image_size") or mw.DEFAULT_IMAGE_SIZE)
+    return agent, size, client._ws.close  # pylint: disable=protected-access
+  from twinbrain_jax.serving.policy import Policy  # pylint: disable=g-import-not-at-top
+  try:
+    policy = Policy.load(_POLICY.value, step=_STEP.value, tokenizer_dir=_TOKENIZER.value)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  data = policy.bundle.config.data
+  drop = (bool(data.get("drop_instruction", False)) if _INSTRUCTIONS.value == "auto"
+          else _INSTRUCTIONS.value == "blank")
+  agent = evaluation.ChunkAgent(policy.infer, _execution(policy.metadata()["execution"]),
+                                name=os.path.basename(os.path.normpath(_POLICY.value)),
+                                drop_instruction=drop)
+  return agent, _IMAGE_SIZE.value or tuple(data.image_size), lambda: None
+
+
+def main(argv):
+  del argv
+  import tqdm  # pylint: disable=g-import-not-at-top
+  try:
+    tasks = mw.resolve_tasks(_TASKS.value)
+    mw.eval_seeds(_EPISODES.value, _SEED_OFFSET.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  agent, image_size, close = _agent()
+  label = _LABEL.value or agent.name
+  os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+  stem = os.path.join(_OUTPUT_DIR.value, label.replace("/", "_").replace(" ", "_").replace(":", "_"))
+  os.makedirs(f"{stem}_videos", exist_ok=True)
+  bar = tqdm.tqdm(total=len(tasks) * _EPISODES.value, desc=label, unit="episode")
+  successes = [0]
+
+  def on_episode(episode: evaluation.Episode) -> None:
+    successes[0] += episode.success
+    bar.update(1)
+    bar.set_postfix(task=episode.task.removesuffix("-v3"), success=successes[0])
+    if episode.frames is not None:
+      evaluation.write_video(episode.frames,
+                             f"{stem}_videos/{episode.task}_seed{episode.seed}.gif")
+
+  try:
+    result = evaluation.evaluate(agent, tasks, _EPISODES.value, seed_offset=_SEED_OFFSET.value,
+                                 image_size=image_size, max_steps=_MAX_STEPS.value,
+                                 num_videos=_NUM_VIDEOS.value, on_episode=on_episode)
+  finally:
+    bar.close()
+    close()
+  result["policy"] = label
+  result["settings"].update(
+      source=_POLICY.value or f"server {_SERVER.value}",
+      instruction="blank" if getattr(agent, "drop_instruction", False) else "task",
+      execution=getattr(agent, "execution", None) and agent.execution.__dict__)
+  with open(f"{stem}.json", "w") as f:
+    json.dump(result, f, indent=1)
+  others = []
+  for path in _PLOT_WITH.value:
+    with open(path) as f:
+      others.append(json.load(f))
+  evaluation.plot_success(others + [result], f"{stem}_success.png")
+  print(evaluation.format_table(result))
+  print(f"{result['frames_rendered']} frames rendered in {result['wall_s']:.0f} s; wrote "
+        f"{stem}.json, {stem}_success.png, videos in {stem}_videos/", flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(main)

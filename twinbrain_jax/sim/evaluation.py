@@ -1,0 +1,285 @@
+"""Closed-loop evaluation on Meta-World: K episodes per task on the held-out evaluation seeds.
+
+    agent = ChunkAgent(policy.infer, ExecutionConfig(replan_steps=4, ensemble="none", horizon=8))
+    result = evaluate(agent, mw.resolve_tasks("mt10"), episodes=10)
+    print(format_table(result))
+
+An agent turns time steps into actions. `ChunkAgent` asks a chunk policy (an in-process
+`serving.policy.Policy`, or openpi-client's `WebsocketClientPolicy` talking to
+`scripts/serve.py`: both have `infer(observation) -> {"actions": [T, 4], ...}`) for a chunk
+whenever its `serving.execution.ChunkExecutor` needs one; `ExpertAgent` is Meta-World's scripted
+policy and `RandomAgent` draws uniform actions in [-1, 1]. Frames are rendered only when the
+agent will read them (`Agent.wants_image`: rendering, ~40 frames/s on a CPU, dominates the cost)
+and for the episodes recorded as videos.
+
+The result is plain JSON-able data (see `evaluate`); successes carry 95 % Wilson intervals per
+task and per task group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from twinbrain_jax.serving.execution import ChunkExecutor, ExecutionConfig
+from twinbrain_jax.sim import metaworld as mw
+
+MAX_NOISE_SEED = 2**32
+
+
+class Agent(Protocol):
+  """What `run_episode` drives (one episode at a time)."""
+  name: str
+
+  def reset(self, task: str, instruction: str, seed: int) -> None:
+    """A new episode of `task` from `seed`."""
+
+  @property
+  def wants_image(self) -> bool:
+    """Whether the next `act` reads `time_step.image` (else the frame is not rendered)."""
+
+  def act(self, time_step: mw.TimeStep) -> np.ndarray:
+    """The action `[4]` for this time step."""
+
+
+class ExpertAgent:
+  """Meta-World's scripted expert of each task (reads the raw 39-D observation, no image)."""
+  name = "expert"
+  wants_image = False
+
+  def __init__(self):
+    self._policies: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    self._policy = None
+
+  def reset(self, task: str, instruction: str, seed: int) -> None:
+    del instruction, seed
+    if task not in self._policies:
+      self._policies[task] = mw.expert_policy(task)
+    self._policy = self._policies[task]
+
+  def act(self, time_step: mw.TimeStep) -> np.ndarray:
+    return self._policy(time_step.raw)
+
+
+class RandomAgent:
+  """Uniform actions in [-1, 1]^4, drawn from a generator seeded by the episode seed."""
+  name = "random"
+  wants_image = False
+
+  def __init__(self):
+    self._rng = np.random.default_rng(0)
+
+  def reset(self, task: str, instruction: str, seed: int) -> None:
+    del task, instruction
+    self._rng = np.random.default_rng(seed)
+
+  def act(self, time_step: mw.TimeStep) -> np.ndarray:
+    del time_step
+    return self._rng.uniform(-1.0, 1.0, mw.ACTION_DIM).astype(np.float32)
+
+
+class ChunkAgent:
+  """A chunk policy (`infer(observation) -> {"actions": [T, 4]}`) executed by a `ChunkExecutor`.
+
+  Each request sends `image [H, W, 3] uint8`, `state [4]`, the task's instruction (or "" when
+  `drop_instruction`: the instruction-blind ablation) and a noise `seed` fixed by the episode
+  seed and the step, so an evaluation is reproducible against the same policy.
+  """
+
+  def __init__(self, infer: Callable[[dict[str, Any]], Mapping[str, Any]],
+               execution: ExecutionConfig, *, name: str = "policy",
+               drop_instruction: bool = False):
+    self.name, self.execution, self.drop_instruction = name, execution, drop_instruction
+    self._infer = infer
+    self._executor = ChunkExecutor(execution)
+    self._instruction, self._seed = "", 0
+    self.requests = 0
+
+  def reset(self, task: str, instruction: str, seed: int) -> None:
+    del task
+    self._executor.reset()
+    self._instruction = "" if self.drop_instruction else instruction
+    self._seed = int(seed)
+
+  @property
+  def wants_image(self) -> bool:
+    return self._executor.needs_chunk
+
+  def act(self, time_step: mw.TimeStep) -> np.ndarray:
+    if self._executor.needs_chunk:
+      observation = dict(time_step.observation(), instruction=self._instruction,
+                         seed=(self._seed * 1009 + time_step.step) % MAX_NOISE_SEED)
+      actions = np.asarray(self._infer(observation)["actions"], np.float32)
+      if actions.ndim != 2 or actions.shape[1] != mw.ACTION_DIM:
+        raise ValueError(f"The policy returned actions of shape {actions.shape}; Meta-World needs "
+                         f"chunks [T, {mw.ACTION_DIM}]: serve a policy trained on the `metaworld` "
+                         "dataset (configs/twinbrain.py:metaworld_tiny).")
+      self._executor.add_chunk(actions)
+      self.requests += 1
+    return self._executor.next_action()
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+  """One evaluation episode.
+
+  Attributes:
+    task, seed: what fixes it.
+    success: `info["success"]` held after some step (the episode ends there).
+    steps: actions taken.
+    rendered: frames rendered (what the agent read, plus every frame of a recorded episode).
+    final_state: float32 `[4]` hand xyz and gripper opening at the end.
+    frames: uint8 `[steps + 1, H, W, 3]` when recorded, else None.
+  """
+  task: str
+  seed: int
+  success: bool
+  steps: int
+  rendered: int
+  final_state: np.ndarray
+  frames: np.ndarray | None = None
+
+
+def run_episode(env: mw.MetaWorldEnv, agent: Agent, seed: int, *,
+                record: bool = False) -> Episode:
+  """Runs `agent` from `env.reset(seed)` to success or the episode limit."""
+  agent.reset(env.task, env.instruction, seed)
+  time_step = env.reset(seed, render=record or agent.wants_image)
+  rendered = int(time_step.image is not None)
+  frames = [time_step.image] if record else []
+  while not time_step.truncated and not time_step.success:
+    action = agent.act(time_step)
+    time_step = env.step(action, render=record or agent.wants_image)
+    rendered += int(time_step.image is not None)
+    if record:
+      frames.append(time_step.image)
+  return Episode(task=env.task, seed=int(seed), success=bool(time_step.success),
+                 steps=int(time_step.step), rendered=rendered, final_state=time_step.state,
+                 frames=np.stack(frames) if record else None)
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+  """The Wilson score interval of a success rate (95 % for the default z); (0, 1) if no trial."""
+  if trials == 0:
+    return 0.0, 1.0
+  p = successes / trials
+  denominator = 1 + z * z / trials
+  centre = (p + z * z / (2 * trials)) / denominator
+  half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(successes: Sequence[bool]) -> dict[str, Any]:
+  """`{"successes", "episodes", "success_rate", "ci95": [lo, hi]}` of a list of outcomes."""
+  k, n = int(sum(bool(s) for s in successes)), len(successes)
+  return dict(successes=k, episodes=n, success_rate=k / n if n else 0.0,
+              ci95=list(wilson_interval(k, n)))
+
+
+def groups_of(tasks: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """The task groups (`mw.TASK_GROUPS`) with an evaluated task, each restricted to the evaluated
+  tasks, plus "all"; a group is reported only if all of its tasks were evaluated."""
+  evaluated = set(tasks)
+  groups = {name: members for name, members in mw.TASK_GROUPS.items()
+            if set(members) <= evaluated}
+  groups["all"] = tuple(tasks)
+  return groups
+
+
+def evaluate(agent: Agent, tasks: Sequence[str], episodes: int, *, seed_offset: int = 0,
+             image_size: int | Sequence[int] = mw.DEFAULT_IMAGE_SIZE,
+             max_steps: int | None = None, num_videos: int = 0,
+             on_episode: Callable[[Episode], None] | None = None) -> dict[str, Any]:
+  """Runs `episodes` episodes of every task on `mw.eval_seeds(episodes, seed_offset)`.
+
+  Args:
+    num_videos: the first `num_videos` episodes of each task are recorded (every frame).
+    on_episode: called after every episode (progress bars, video writers); recorded episodes
+      carry their frames.
+
+  Returns:
+    JSON-able `{"policy", "tasks": {task: {successes, episodes, success_rate, ci95, mean_steps,
+    seeds, success_per_episode, steps_per_episode, final_state_per_episode}}, "groups": {group: {successes, episodes,
+    success_rate, ci95, tasks}}, "settings": {...}, "frames_rendered", "wall_s"}`.
+  """
+  tasks = tuple(mw.resolve_tasks(tasks))
+  seeds = mw.eval_seeds(episodes, seed_offset)
+  start = time.perf_counter()
+  per_task, rendered = {}, 0
+  for task in tasks:
+    outcomes = []
+    with mw.make_env(task, image_size, max_steps) as env:
+      for i, seed in enumerate(seeds):
+        episode = run_episode(env, agent, seed, record=i < num_videos)
+        rendered += episode.rendered
+        outcomes.append(episode)
+        if on_episode is not None:
+          on_episode(episode)
+      limit = env.max_steps
+    successes = [e.success for e in outcomes]
+    per_task[task] = dict(
+        summarize(successes), seeds=list(seeds), success_per_episode=successes,
+        steps_per_episode=[e.steps for e in outcomes],
+        final_state_per_episode=[[round(float(x), 6) for x in e.final_state] for e in outcomes],
+        mean_steps=float(np.mean([e.steps for e in outcomes])), max_steps=limit)
+  groups = {}
+  for name, members in groups_of(tasks).items():
+    outcomes = [s for task in members for s in per_task[task]["success_per_episode"]]
+    groups[name] = dict(summarize(outcomes), tasks=list(members))
+  return dict(policy=agent.name, tasks=per_task, groups=groups,
+              settings=dict(episodes_per_task=episodes, seed_offset=seed_offset,
+                            image_size=list(mw.image_hw(image_size)), max_steps=max_steps),
+              frames_rendered=rendered, wall_s=time.perf_counter() - start)
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+  """A text table: per task and per group, successes / episodes, rate and 95 % interval."""
+  rows = [(task, r) for task, r in result["tasks"].items()]
+  rows += [(f"[{name}]", r) for name, r in result["groups"].items()]
+  width = max(len(name) for name, _ in rows)
+  lines = [f"policy: {result['policy']}",
+           f"{'task':<{width}}  success  rate    95% CI          mean steps"]
+  for name, r in rows:
+    lo, hi = r["ci95"]
+    steps = f"{r['mean_steps']:.0f}" if "mean_steps" in r else ""
+    lines.append(f"{name:<{width}}  {r['successes']:>3}/{r['episodes']:<3}  "
+                 f"{r['success_rate']:5.1%}  [{lo:5.1%}, {hi:5.1%}]  {steps:>6}")
+  return "\n".join(lines)
+
+
+def plot_success(results: Sequence[Mapping[str, Any]], path: str) -> None:
+  """A bar chart of per-task success rates with their 95 % intervals, one bar per result."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  tasks = list(results[0]["tasks"])
+  x = np.arange(len(tasks) + 1)
+  width = 0.8 / len(results)
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(x) + 2), 4.0))
+  for i, result in enumerate(results):
+    rows = [result["tasks"][t] for t in tasks] + [result["groups"]["all"]]
+    rates = np.array([r["success_rate"] for r in rows])
+    lo = np.maximum(0.0, rates - np.array([r["ci95"][0] for r in rows]))  # Rounding at 0, 1.
+    hi = np.maximum(0.0, np.array([r["ci95"][1] for r in rows]) - rates)
+    ax.bar(x + (i - (len(results) - 1) / 2) * width, rates, width, yerr=[lo, hi], capsize=2,
+           label=result["policy"])
+  ax.set_xticks(x, [t.removesuffix("-v3") for t in tasks] + ["all"], rotation=45, ha="right")
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("success rate (95% Wilson CI)")
+  ax.set_title(f"Meta-World, {results[0]['settings']['episodes_per_task']} episodes per task "
+               "(evaluation seeds)")
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_video(frames: np.ndarray, path: str, fps: int = 20) -> None:
+  """Writes `frames [T, H, W, 3] uint8` as an animated GIF (imageio's Pillow writer)."""
+  import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
+  iio.imwrite(path, np.asarray(frames), duration=1000 / fps, loop=0)
