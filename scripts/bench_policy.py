@@ -148,7 +148,11 @@ def bench_socket(bundle_dir: pathlib.Path, repeats: int, log_dir: pathlib.Path) 
     return dict(round_trip=round_trip, **server_ms)
   finally:
     server.send_signal(signal.SIGTERM)
-    server.wait(timeout=_HANG_S)
+    try:
+      server.wait(timeout=_HANG_S)
+    except subprocess.TimeoutExpired:
+      os.killpg(server.pid, signal.SIGKILL)
+      server.wait()
     stdout.close()
 
 
