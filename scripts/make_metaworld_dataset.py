@@ -5,6 +5,9 @@
 Writes `<data_dir>/metaworld/1.0.0/` (read it with `--config.data.data_dir=<data_dir>
 --config.data.datasets=metaworld --config.data.weights=1`) and prints, per task, the expert's
 success rate and the episodes it dropped (also in `metaworld_generation.json` next to the data).
+`--tokenizer_dir=DIR` also writes the synthetic tokenizer (BPE learned from the 50 instructions)
+that a model trained from scratch with `--config` (default the `metaworld_tiny` preset) reads via
+`--config.init.tokenizer=DIR`; `--tokenizer_only` writes just that.
 """
 
 import sys
@@ -12,6 +15,7 @@ import warnings
 
 import tensorflow_datasets as tfds
 from absl import flags
+from ml_collections import config_flags
 
 from twinbrain_jax import cli
 from twinbrain_jax.data import oxe_registry
@@ -28,6 +32,11 @@ _SEED_OFFSET = flags.DEFINE_integer("seed_offset", 0, "First data seed (< "
                                     f"{mw.EVAL_SEED_START}, where evaluation seeds start).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Episode limit (default Meta-World's 500).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset.")
+_TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "Also write a synthetic tokenizer "
+                                     "for --config's backbone here.")
+_TOKENIZER_ONLY = flags.DEFINE_bool("tokenizer_only", False, "Write only the tokenizer.")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/twinbrain.py:metaworld_tiny",
+                                          "The run the tokenizer is for (its backbone's ids).")
 
 
 def _row(name, attempted, kept, frames, seconds) -> str:
@@ -42,6 +51,14 @@ def main(argv):
   # Meta-World's scripted policies warn about their own gains; the simulator clips actions.
   warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
   tfds.disable_progress_bar()  # One line per task instead (logs of background runs stay short).
+  if _TOKENIZER_ONLY.value and not _TOKENIZER_DIR.value:
+    sys.exit("error: --tokenizer_only needs --tokenizer_dir.")
+  if _TOKENIZER_DIR.value:
+    mwd.write_tokenizer(_TOKENIZER_DIR.value, _CONFIG.value.model)
+    print(f"wrote the tokenizer for {_CONFIG.value.model.backbone.name!r} to "
+          f"{_TOKENIZER_DIR.value}", flush=True)
+    if _TOKENIZER_ONLY.value:
+      return
   header = (f"{'task':<30} {'attempted':>9} {'kept':>5} {'dropped':>7} {'expert success':>14} "
             f"{'frames':>7} {'frames/s':>9}")
   print(header, flush=True)
