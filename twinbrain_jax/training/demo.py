@@ -17,7 +17,7 @@ from twinbrain_jax.training import demo_data, export, loop
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
   """Runs the demo in `workdir` (its previous run outputs are replaced); returns the sampled raw
-  actions per dataset."""
+  actions per dataset (none when SIGTERM or Ctrl-C stopped it, after saving a checkpoint)."""
   for name in (config.checkpoint.dir, config.train.tensorboard_dir, "bundle"):
     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
   config = demo_data.prepare(config, workdir)
@@ -27,9 +27,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray
         f"{jax.device_count()} devices, mesh {dict(config.mesh)}")
 
   first = loop.train(config, workdir, stop_after=total // 2)
+  if first.preempted:  # SIGTERM / Ctrl-C: stop the demo, not only this run.
+    return {}
   print(f"stopped at step {first.final_step} (checkpoint saved); losses "
         + " ".join(f"{s}:{l:.3f}" for s, l in sorted(first.losses.items())))
   second = loop.train(config, workdir)
+  if second.preempted:
+    return {}
   print(f"resumed at step {second.start_step}, finished at {second.final_step}; losses "
         + " ".join(f"{s}:{l:.3f}" for s, l in sorted(second.losses.items())))
   print("validation loss: " + " ".join(f"{s}:{l:.3f}" for s, l in sorted(
