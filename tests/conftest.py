@@ -4,3 +4,20 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+  """TensorFlow stays out of the test processes: it makes its LLVM symbols global on import, and
+  Mesa's software OpenGL (Meta-World rendering, in the same pytest worker) then segfaults. Tests
+  that need TensorFlow run it in a subprocess."""
+  result = yield
+  if "tensorflow" in sys.modules:
+    raise AssertionError(f"{item.nodeid} loaded TensorFlow into the pytest worker; run the "
+                         "TensorFlow part in a subprocess (see tests/test_data_convert.py).")
+  return result
