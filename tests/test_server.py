@@ -253,6 +253,7 @@ def _soak_with_memory(server, policy, record_property, requests_per_client):
   valid, malformed = _soak(port, policy, 8, requests_per_client, seed=1000)
   after = process.memory_info().rss
   growth_mib = (after - before) / 2**20
+  valid, malformed = int(valid), int(malformed)  # pytest-xdist cannot send numpy scalars.
   record_property("soak", dict(requests=valid + malformed, valid=valid, malformed=malformed,
                                clients=8, rss_before_mib=before / 2**20,
                                rss_after_mib=after / 2**20))
