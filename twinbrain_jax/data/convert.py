@@ -171,24 +171,28 @@ def _expected_episodes(shards: list[_Shard]) -> dict[str, int]:
   return counts
 
 
+def _already_converted(info, dataset_dir: str) -> ConversionResult:
+  shards = _shards(info, dataset_dir, dataset_dir, "")
+  return ConversionResult(dataset_dir, _expected_episodes(shards), len(shards),
+                          already_converted=True)
+
+
 def _convert_in_place(dataset_dir: str, info, num_workers: int,
                       overwrite: bool) -> ConversionResult:
   if ARRAY_RECORD in info.alternative_file_formats and not overwrite:
-    shards = _shards(info, dataset_dir, dataset_dir, "")
-    return ConversionResult(dataset_dir, _expected_episodes(shards), len(shards),
-                            already_converted=True)
+    return _already_converted(info, dataset_dir)
   suffix = f".incomplete-{uuid.uuid4().hex[:8]}"
   shards = _shards(info, dataset_dir, dataset_dir, suffix)
   finals = [shard.target[:-len(suffix)] for shard in shards]
   info_path = os.path.join(dataset_dir, "dataset_info.json")
   with open(info_path) as f:
-    original_info = f.read()
+    info_on_failure = f.read()
   if ARRAY_RECORD in info.alternative_file_formats:
     # Overwriting shards listed in the info: should this fail, the info stops listing them (the
     # TFRecord shards are untouched, so the dataset stays valid, only unconverted).
     unconverted = copy.deepcopy(info)
     unconverted.alternative_file_formats.remove(ARRAY_RECORD)
-    original_info = _dataset_info_json(unconverted)
+    info_on_failure = _dataset_info_json(unconverted)
   published = False
   try:
     _convert_all(shards, num_workers)
@@ -201,8 +205,8 @@ def _convert_in_place(dataset_dir: str, info, num_workers: int,
     _check_readable(dataset_dir, expected)
     published = True
   finally:
-    if not published:  # Back to the state before the call: the old info, no new shards.
-      _write_text_atomically(info_path, original_info)
+    if not published:  # Back to a valid state: the old (or unconverted) info, no new shards.
+      _write_text_atomically(info_path, info_on_failure)
       for path in [shard.target for shard in shards] + finals:
         if os.path.exists(path):
           os.remove(path)
@@ -268,9 +272,7 @@ def convert_to_array_record(dataset_dir: str, out_dir: str | None = None, num_wo
   source_format = _source_format(info)
   if source_format == ARRAY_RECORD:
     if out_dir is None:
-      shards = _shards(info, dataset_dir, dataset_dir, "")
-      return ConversionResult(dataset_dir, _expected_episodes(shards), len(shards),
-                              already_converted=True)
+      return _already_converted(info, dataset_dir)
     raise ValueError(f"{dataset_dir} is already ArrayRecord; copy it instead of converting.")
   if source_format != "tfrecord":
     raise ValueError(f"{dataset_dir} is stored as {source_format!r}; only TFRecord converts.")
