@@ -15,6 +15,7 @@ valid tokens):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +127,35 @@ def asymot_forward(left_layers: Sequence[DecoderLayer], right_layers: Sequence[D
     hidden_left, hidden_right = asymot_layer(left, right, hidden_left, hidden_right, rope_left,
                                              rope_right, masks)
   return hidden_left, hidden_right
+
+
+def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right_params: Any,
+                hidden_left: jax.Array, hidden_right: jax.Array,
+                rope_left: tuple[jax.Array, jax.Array], rope_right: tuple[jax.Array, jax.Array],
+                masks: JointMasks, remat_policy: Any = None, remat: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
+  """All layers of both brains as one `lax.scan`: step i reads layer i of both stacks.
+
+  Args:
+    left, right: unbound `DecoderLayer`s of each brain's sizes and dtypes.
+    left_params, right_params: each brain's decoder params stacked on a leading `layers` axis
+      (the left one may be stored in another dtype, e.g. bf16).
+    hidden_left, hidden_right, rope_left, rope_right, masks: as `asymot_forward`.
+    remat_policy, remat: recompute each joint layer in the backward pass (`jax.checkpoint`).
+
+  Returns:
+    The streams before the final norms.
+  """
+  depth = {jax.tree.leaves(p)[0].shape[0] for p in (left_params, right_params)}
+  if len(depth) != 1:
+    raise ValueError(f"AsyMoT needs brains of equal depth; the stacks have {sorted(depth)} layers.")
+
+  def step(carry, layer_params):
+    left_i = left.bind({"params": layer_params[0]})
+    right_i = right.bind({"params": layer_params[1]})
+    return asymot_layer(left_i, right_i, *carry, rope_left, rope_right, masks), None
+
+  if remat:
+    step = jax.checkpoint(step, policy=remat_policy, prevent_cse=False)
+  carry, _ = jax.lax.scan(step, (hidden_left, hidden_right), (left_params, right_params))
+  return carry

@@ -7,9 +7,10 @@ Reads top to bottom as the architecture:
   -> `Qwen25VL` (vision tower + image-feature merge + text model + lm head).
 
 Parameter trees mirror the Hugging Face names so that loading a checkpoint is a rename
-(`twinbrain_jax.models.hf_loading`): `model/embed_tokens/embedding`, `model/layers_{i}/
-{input_layernorm, self_attn/{q,k,v,o}_proj, post_attention_layernorm, mlp/{gate,up,down}_proj}`,
-`model/norm`, `lm_head`, `visual/...`.
+(`twinbrain_jax.models.hf_loading`): `model/embed_tokens/embedding`, `model/layers/
+{input_layernorm, self_attn/{q,k,v,o}_proj, post_attention_layernorm, mlp/{gate,up,down}_proj}`
+(every layer stacked on a leading `layers` axis, `nn.scan`; `model/layers_{i}/...` when
+unrolled, `scan_layers=False`), `model/norm`, `lm_head`, `visual/...`.
 
 Logical axes (sharding scheme, shared with the vision tower): projection kernels keep their head
 axes (einsum projections, `EinsumDense`): q `[embed, heads, kv]`, k/v `[embed, kv_heads, kv]`, o
@@ -37,7 +38,7 @@ import numpy as np
 from flax import struct
 
 from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, RMSNorm, dense,
-                                         dot_product_attention)
+                                         dot_product_attention, scan_layers)
 from twinbrain_jax.models.qwen25vl_vision import VisionConfig, VisionTower
 
 Dtype = Any
@@ -411,13 +412,17 @@ def check_remat_policy(policy: str) -> None:
 class TextModel(nn.Module):
   """The Qwen2 language model: token embedding, decoder layers, final RMSNorm.
 
-  `remat_policy` (see `REMAT_POLICIES`) recomputes each layer's halves (`qkv`, `out`) in the
-  backward pass, also when AsyMoT drives them one by one.
+  With `scan_layers` (the default) the decoder layers are one `nn.scan` over a `DecoderLayer`
+  whose params are stacked on a leading `layers` axis (`model/layers/...`, `[L, ...]`): the step
+  traces and compiles one layer. Otherwise they are unrolled (`model/layers_{i}/...`).
+  `remat_policy` (see `REMAT_POLICIES`) recomputes each layer in the backward pass; unrolled, it
+  applies to each layer's halves (`qkv`, `out`), also when AsyMoT drives them one by one.
   """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = True
 
   def setup(self):
     c = self.config
@@ -426,12 +431,30 @@ class TextModel(nn.Module):
         c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw)
     check_remat_policy(self.remat_policy)
-    layer_cls = DecoderLayer
-    if self.remat_policy != "none":
-      layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy],
-                           methods=("qkv", "out"))
-    self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
+    remat = self.remat_policy != "none"
+    if self.scan_layers:
+      # Carry: hidden. Shared: cos, sin, mask. Scanned: the per-layer cache (or None).
+      stack = scan_layers(DecoderLayer, c.num_hidden_layers,
+                          (nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                          REMAT_POLICIES[self.remat_policy], remat)
+      self.layers = stack(c, **kw)
+    else:
+      layer_cls = DecoderLayer
+      if remat:
+        layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy],
+                             methods=("qkv", "out"))
+      self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
+
+  def layer(self) -> DecoderLayer:
+    """An unbound `DecoderLayer` of this model's sizes and dtypes (for scanned params)."""
+    return DecoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+
+  def stacked_layer_params(self) -> Any:
+    """The decoder layers' params stacked on a leading `layers` axis (scanned layout only)."""
+    if not self.scan_layers:
+      raise ValueError("stacked_layer_params needs scan_layers=True.")
+    return nn.unbox(self.layers.variables["params"])
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """[B, L] token ids -> [B, L, E] embeddings."""
@@ -441,6 +464,23 @@ class TextModel(nn.Module):
     """[3, B, L] positions -> cos, sin [B, L, D]."""
     c = self.config
     return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
+
+  def run_layers(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 layer_caches: Sequence[LayerKV] | None = None
+                 ) -> tuple[jax.Array, tuple[LayerKV, ...] | None]:
+    """All decoder layers: hidden [B, L, E] -> [B, L, E] (before the final norm)."""
+    if self.scan_layers:
+      stacked = None if layer_caches is None else jax.tree.map(
+          lambda *xs: jnp.stack(xs), *layer_caches)
+      hidden, stacked = self.layers(hidden, cos, sin, mask, stacked)
+      if layer_caches is None:
+        return hidden, None
+      return hidden, tuple(jax.tree.map(lambda x, i=i: x[i], stacked)
+                           for i in range(len(layer_caches)))
+    caches = [None] * len(self.layers) if layer_caches is None else list(layer_caches)
+    for i, layer in enumerate(self.layers):
+      hidden, caches[i] = layer(hidden, cos, sin, mask, caches[i])
+    return hidden, None if layer_caches is None else tuple(caches)
 
   def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
                attention_mask: jax.Array, cache: KVCache | None = None
@@ -463,21 +503,17 @@ class TextModel(nn.Module):
     cos, sin = self.rotary(position_ids)
     if cache is None:
       mask = causal_padding_mask(attention_mask)
-      layer_caches = [None] * len(self.layers)
-    else:
-      start = cache.index
-      key_mask = jax.lax.dynamic_update_slice(
-          cache.key_mask, attention_mask.astype(bool), (0, start))
-      length, slots = hidden.shape[1], key_mask.shape[1]
-      # Query i sits at slot start + i; it sees valid slots up to its own.
-      causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(length))[:, None]
-      mask = causal[None] & key_mask[:, None, :]
-      layer_caches = list(cache.layers)
-    for i, layer in enumerate(self.layers):
-      hidden, layer_caches[i] = layer(hidden, cos, sin, mask, layer_caches[i])
-    if cache is not None:
-      cache = KVCache(layers=tuple(layer_caches), key_mask=key_mask)
-    return self.norm(hidden), cache
+      hidden, _ = self.run_layers(hidden, cos, sin, mask)
+      return self.norm(hidden), None
+    start = cache.index
+    key_mask = jax.lax.dynamic_update_slice(
+        cache.key_mask, attention_mask.astype(bool), (0, start))
+    length, slots = hidden.shape[1], key_mask.shape[1]
+    # Query i sits at slot start + i; it sees valid slots up to its own.
+    causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(length))[:, None]
+    mask = causal[None] & key_mask[:, None, :]
+    hidden, layer_caches = self.run_layers(hidden, cos, sin, mask, cache.layers)
+    return self.norm(hidden), KVCache(layers=layer_caches, key_mask=key_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,11 +631,13 @@ class Qwen25VL(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = True
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers)
     self.visual = VisionTower(self.config.vision, remat=self.remat_policy != "none", **kw)
     self.model = TextModel(self.config.text, remat_policy=self.remat_policy, **kw)
+    kw.pop("scan_layers")
     if not self.config.text.tie_word_embeddings:
       self.lm_head = dense(self.config.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 

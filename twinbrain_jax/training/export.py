@@ -78,6 +78,13 @@ class Bundle:
   tokenizer: QwenTokenizer
 
 
+def _with_stored_layout(model_block: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config written before layers were scanned has no `scan_layers`: its params are unrolled."""
+  if "scan_layers" not in model_block:
+    model_block.scan_layers = False
+  return model_block
+
+
 def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) -> Bundle:
   """Loads a bundle written by `export_bundle` onto the default device.
 
@@ -92,7 +99,7 @@ def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) 
       raise FileNotFoundError(f"{directory} is not an inference bundle: {name} is missing. "
                               "Write one with scripts/export.py.")
   config = ml_collections.ConfigDict(json.loads((directory / CONFIG_FILE).read_text()))
-  model_block = config.model
+  model_block = _with_stored_layout(config.model)
   stored = config.export.dtype
   model_block.update(param_dtype=stored, left_param_dtype=stored)
   if compute_dtype is not None:
@@ -145,7 +152,7 @@ def restore_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = Non
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.logical_axis_rules(config.logical_axis_rules, mesh)
-  model = TwinBrainVLA(TwinBrainConfig.from_config_dict(config.model))
+  model = TwinBrainVLA(TwinBrainConfig.from_config_dict(_with_stored_layout(config.model)))
   tx = optimizer_lib.make_optimizer(config.train)
   abstract, _ = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
   _, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=None,
@@ -183,6 +190,7 @@ def bundle_from_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None =
   params in their training dtypes on the default device."""
   params, config_json, norm_stats = restore_checkpoint(checkpoint_dir, step)
   config = ml_collections.ConfigDict(config_json)
+  _with_stored_layout(config.model)
   if compute_dtype is not None:
     config.model.dtype = compute_dtype
   tokenizer = QwenTokenizer.from_file(_run_tokenizer_dir(config_json, tokenizer_dir))
