@@ -252,12 +252,13 @@ def test_remat_gives_the_same_loss_and_gradients(tiny, policy):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["twinbrain", "monolithic"])
-def test_scanned_layers_give_the_unrolled_loss_and_gradients(variant):
-  """One `nn.scan` over both brains' layers (AsyMoT step i reads layer i of each), the vision
-  blocks and the expert's (cross, self) block pairs computes what the unrolled model does."""
-  unrolled_config = tiny_config(variant=variant, scan_layers=False, remat_policy="full")
-  scanned_config = tiny_config(variant=variant, remat_policy="full")
+def test_scanned_layers_give_the_unrolled_loss_and_gradients():
+  """One scan over both brains' layers (AsyMoT step i reads layer i of each), the vision
+  blocks and the expert's (cross, self) block pairs computes what the unrolled model does.
+  (Scanned remat: `test_remat_gives_the_same_loss_and_gradients`; the single-brain scan: the
+  backbone's parity tests.)"""
+  unrolled_config = tiny_config(scan_layers=False)
+  scanned_config = tiny_config()
   obs, grid = make_obs(scanned_config)
   unrolled, params = _init(unrolled_config, obs, grid)
   assert "layers_1" in params["right"]["model"] and "block_1" in params["action_expert"]

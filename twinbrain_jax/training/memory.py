@@ -122,9 +122,11 @@ def largest_fitting_batch(config: ml_collections.ConfigDict, budget_bytes: int,
                           max_per_device: int = 4096, log=print) -> tuple[MemoryPlan, MemoryPlan]:
   """The largest global batch whose compiled step fits `budget_bytes` per device.
 
-  Every figure comes from a compiled step: per-device batches 1 and 2 give a linear guess,
-  which is compiled and then moved one data-parallel multiple at a time until the next batch
-  no longer fits.
+  Every figure comes from a compiled step. Batches are multiples of the data-parallel size
+  (times `grad_accum_steps`). The search compiles per-device batches 1 and 2, extrapolates the
+  line through batch 1 and the largest fitting batch until one does not fit, then narrows
+  [largest that fits, smallest that does not] by secant and bisection steps in turn until the
+  two are adjacent.
 
   Returns:
     (the plan of the largest fitting batch, the plan of the next batch, which does not fit).
@@ -143,15 +145,33 @@ def largest_fitting_batch(config: ml_collections.ConfigDict, budget_bytes: int,
           f"per device (compile {plans[per_device].compile_seconds:.0f} s)")
     return plans[per_device]
 
-  one, two = plan(1), plan(2)
-  if one.total_bytes > budget_bytes:
-    raise ValueError(f"Even a batch of {step} ({1} per data-parallel device) needs "
-                     f"{one.total_bytes / 2**30:.1f} GiB per device > the budget "
+  def secant(a: int, b: int) -> int:
+    """Where the line through the plans of per-device batches a < b reaches the budget."""
+    slope = max((plan(b).total_bytes - plan(a).total_bytes) / (b - a), 1.0)
+    return a + int((budget_bytes - plan(a).total_bytes) // slope)
+
+  if plan(1).total_bytes > budget_bytes:
+    raise ValueError(f"Even a batch of {step} (1 per data-parallel device) needs "
+                     f"{plan(1).total_bytes / 2**30:.1f} GiB per device > the budget "
                      f"{budget_bytes / 2**30:.1f} GiB; use more devices or remat.")
-  slope = max(two.total_bytes - one.total_bytes, 1)
-  guess = int(np.clip(1 + (budget_bytes - one.total_bytes) // slope, 1, max_per_device))
-  while guess > 1 and plan(guess).total_bytes > budget_bytes:
-    guess -= 1
-  while guess < max_per_device and plan(guess + 1).total_bytes <= budget_bytes:
-    guess += 1
-  return plan(guess), plan(guess + 1)
+  fits, too_big, guess, bisect, probed = 1, max_per_device + 1, 2, False, False
+  while too_big - fits > 1:
+    if plan(guess).total_bytes <= budget_bytes:
+      fits = guess
+    else:
+      too_big = guess
+    # Secant through the bracket's ends (through batch 1 before a batch too big is known),
+    # alternating with bisection so that the bracket at least halves every two compiles.
+    if too_big > max_per_device:
+      # The line's last batch, else one more; if that one fit too, the line is no guide.
+      line = secant(1, fits)
+      if line > fits:
+        guess, probed = line, False
+      else:
+        guess, probed = (2 * fits, False) if probed else (fits + 1, True)
+    else:
+      guess = (fits + too_big) // 2 if bisect else secant(fits, too_big)
+      bisect = not bisect
+    if not fits < guess < too_big:
+      guess = (fits + too_big) // 2
+  return plan(fits), plan(too_big)
