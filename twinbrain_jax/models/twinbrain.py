@@ -178,10 +178,9 @@ class TwinBrainVLA(nn.Module):
       return left_text.norm(hidden_left), right_text.norm(hidden_right)
     if self.is_initializing():
       # Creates both stacks' params (the joint scan below reads them as stacked arrays).
-      for text, hidden, rope, mask in ((left_text, left, rope_left, masks.left[..., :left.shape[1]]),
-                                       (right_text, right, rope_right,
-                                        masks.right[..., left.shape[1]:])):
-        text.run_layers(hidden, *rope, mask)
+      left_len = left.shape[1]
+      left_text.run_layers(left, *rope_left, masks.left[..., :left_len])
+      right_text.run_layers(right, *rope_right, masks.right[..., left_len:])
     hidden_left, hidden_right = asymot.asymot_scan(
         left_text.layer(), right_text.layer(), left_text.stacked_layer_params(),
         right_text.stacked_layer_params(), left, right, rope_left, rope_right, masks,
