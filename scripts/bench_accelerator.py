@@ -116,7 +116,7 @@ def main(argv):
         "(batch 1) |")
   print("|---|---|---|---|---|---|---|")
   print(f"| {1e3 * step_s:.1f} | {compile_s:.1f} | {batch_size / step_s:.1f} | "
-        f"{tokens / step_s:.0f} | {flops / 1e12:.3f} | "
+        f"{tokens / step_s:.0f} | {flops / 1e12:.4g} | "
         f"{flops / step_s / (peak * jax.device_count()):.2%} | {1e3 * chunk_s:.1f} |")
 
 
