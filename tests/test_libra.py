@@ -112,6 +112,7 @@ def dynamic_run():
   return _train(config, 60)
 
 
+@pytest.mark.slow
 def test_planner_overfits_a_small_batch(dynamic_run):
   _, state, batch, grid, history = dynamic_run
   assert history[0]["token_accuracy"] < 0.3  # Chance is 1/10.
@@ -130,6 +131,7 @@ def test_curriculum_switches_the_step_after_accuracy_passes_tau(dynamic_run):
   assert bool(dynamic_run[1].frozen["curriculum"]["planner_passed"])
 
 
+@pytest.mark.slow
 def test_refiner_with_ground_truth_bins_overfits():
   """The refiner alone (planner frozen, teacher forcing) on 2 fixed samples: the fine loss drops
   >= 10x in 500 Adam steps and 8-step Euler samples conditioned on the ground-truth bins land on
