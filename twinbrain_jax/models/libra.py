@@ -35,7 +35,8 @@ import numpy as np
 import optax
 
 from twinbrain_jax import flow_matching
-from twinbrain_jax.models.dit import ActionExpert, ActionExpertConfig, Attention, action_expert_flops
+from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, Attention,
+                                      action_expert_flops)
 from twinbrain_jax.models.layers import dense
 from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, Qwen25VL, Qwen25VLConfig, get_rope_index
 from twinbrain_jax.models.siglip import SiglipConfig, SiglipVisionModel, siglip_flops
@@ -435,7 +436,8 @@ def synthetic_observation(config: LibraConfig, text_lengths: Sequence[int] = (5,
   """
   bb, rng = config.backbone, np.random.default_rng(seed)
   t, h, w = image_grid
-  image = ([bb.vision_start_token_id] + [bb.image_token_id] * (t * h * w // bb.vision.spatial_merge_size ** 2)
+  num_image_tokens = t * h * w // bb.vision.spatial_merge_size ** 2
+  image = ([bb.vision_start_token_id] + [bb.image_token_id] * num_image_tokens
            + [bb.vision_end_token_id])
   special = {bb.image_token_id, bb.video_token_id, bb.vision_start_token_id, bb.vision_end_token_id}
   text_ids = np.setdiff1d(np.arange(1, bb.text.vocab_size), sorted(special))

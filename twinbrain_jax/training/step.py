@@ -6,8 +6,9 @@
 
 The frozen left brain is passed to the loss as a constant (`state.frozen`), so it is never
 differentiated. For Libra, `state.frozen` holds the dynamic curriculum's latch instead, which the
-step updates from the batch's token accuracy; the loss's parts are reported in the metrics. Gradient accumulation scans over micro-batches inside the step: one call is one
-optimizer step whatever the accumulation.
+step updates from the batch's token accuracy; the loss's parts are reported in the metrics.
+Gradient accumulation scans over micro-batches inside the step: one call is one optimizer step
+whatever the accumulation.
 """
 
 from __future__ import annotations
