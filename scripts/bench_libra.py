@@ -116,26 +116,29 @@ def bench_preset(preset):
   return rows
 
 
-def main(argv):
-  del argv
-  load_before = os.getloadavg()
-  results = {p: bench_preset(p) for p in _PRESETS.value}
-  load_after = os.getloadavg()
-  print(f"\nLatency per executed chunk on {jax.devices()[0].platform} ({os.cpu_count()} cores), "
-        f"fp32, batch 1; load average (1, 5, 15 min) before {load_before}, after {load_after}\n")
+def print_table(preset, rows, load_before):
+  print(f"\n{preset}: latency per executed chunk on {jax.devices()[0].platform} "
+        f"({os.cpu_count()} cores), fp32, batch 1; load average (1, 5, 15 min) before "
+        f"{load_before}, after {os.getloadavg()}\n")
   header = ("| preset | system | params (M) | mean ms / chunk | p90 ms | vs monolithic | "
             "planner ms | refiner ms |")
   print(header)
   print("|" + "---|" * (header.count("|") - 1))
-  for preset, rows in results.items():
-    base = rows[0]["times"].mean()
-    for r in rows:
-      mean = r["times"].mean()
-      extra = (f"{r['plan_ms']:.1f} | {r['refine_ms']:.1f}" if "plan_ms" in r
-               else f"({r['plans']} plans in background) | " if "plans" in r else " | ")
-      print(f"| {preset} | {r['system']} | {r['params_m']:.1f} | {1e3 * mean:.1f} | "
-            f"{1e3 * np.percentile(r['times'], 90):.1f} | {100 * (mean / base - 1):+.1f} % | "
-            f"{extra} |")
+  base = rows[0]["times"].mean()
+  for r in rows:
+    mean = r["times"].mean()
+    extra = (f"{r['plan_ms']:.1f} | {r['refine_ms']:.1f}" if "plan_ms" in r
+             else f"({r['plans']} plans in background) | " if "plans" in r else " | ")
+    print(f"| {preset} | {r['system']} | {r['params_m']:.1f} | {1e3 * mean:.1f} | "
+          f"{1e3 * np.percentile(r['times'], 90):.1f} | {100 * (mean / base - 1):+.1f} % | "
+          f"{extra} |", flush=True)
+
+
+def main(argv):
+  del argv
+  for preset in _PRESETS.value:  # One table per preset, printed as soon as it is measured.
+    load_before = os.getloadavg()
+    print_table(preset, bench_preset(preset), load_before)
 
 
 if __name__ == "__main__":
