@@ -101,10 +101,10 @@ def bench_preset(preset):
     size, plan_fn, refine_fn, batch = _libra_parts(preset, m)
     runner = InterleavedRunner(plan_fn, refine_fn)
     times = _time_calls(lambda: runner.step(batch), _CYCLES.value * m)
+    bins = plan_fn(batch)[0]
     rows.append(dict(system=f"libra interleaved M={m}", params_m=size, times=times,
                      plan_ms=1e3 * np.median(_time_calls(lambda: plan_fn(batch), 3)),
-                     refine_ms=1e3 * np.median(_time_calls(
-                         lambda: refine_fn(batch, plan_fn(batch)[0]), 1))))
+                     refine_ms=1e3 * np.median(_time_calls(lambda: refine_fn(batch, bins), 3))))
     if m == 2:
       runner = AsyncRunner(plan_fn, refine_fn)
       runner.step(batch)  # The first plan is synchronous: not part of the steady state.
