@@ -2,7 +2,10 @@
 2 processes x 4 fake CPU devices (localhost coordinator, gloo collectives) and it trains exactly
 what 1 process x 8 devices trains; a SIGTERM to one of the processes stops both at one step with
 one checkpoint, from which 1 process x 8 devices resumes. The launcher itself: prefixed output,
-forwarded signals, a failed child stops the job."""
+forwarded signals, a failed child stops the job. Data positions across process counts.
+
+The default run keeps the 2-process job (SIGTERM test); the comparisons with the 1-process run
+are marked slow."""
 
 import json
 import os
@@ -20,6 +23,7 @@ import pytest
 
 import processes
 from fixtures_training import REPO, tiny_config
+from twinbrain_jax.data import pipeline
 from twinbrain_jax.training import checkpoint as checkpoint_lib
 from twinbrain_jax.training import demo_data, export, loop
 
@@ -188,6 +192,7 @@ def _assert_params_close(got_tree, want_tree) -> float:
   return largest
 
 
+@pytest.mark.slow  # The 1-process reference adds about 2 minutes to the 2-process job's 3.
 def test_two_processes_train_what_one_process_trains(one_process, two_processes):
   """The same losses (two optimizer steps of two micro-batches) and final parameters."""
   one_dir, one = one_process
@@ -276,3 +281,24 @@ def test_launcher_stops_the_job_when_one_process_fails(tmp_path):
   assert "launch_local: process 1 exited with status 3; stopping the others." in err
   pids = [int(p.name.split("_")[2]) for p in tmp_path.glob("ready_*")]
   assert not any(map(_alive, pids))
+
+
+def test_data_positions_that_disagree_are_an_error_for_another_process_count(config, tmp_path):
+  """A job with another number of processes takes the one position all saved files hold; files
+  that disagree (not written by this pipeline) are refused with the fix."""
+  iterator = pipeline.DataPipeline(config.data).iterator()
+  manager = checkpoint_lib.make_manager(str(tmp_path), config.checkpoint)
+  data_dir = tmp_path / "7" / "data"
+  data_dir.mkdir(parents=True)
+  for i, next_batch in enumerate((5, 5)):
+    (data_dir / f"process_{i}-of-2.json").write_text(
+        json.dumps(dict(iterator.get_state(), next_batch=next_batch)))
+  checkpoint_lib._restore_data(manager, 7, iterator)
+  assert iterator.get_state()["next_batch"] == 5
+  (data_dir / "process_1-of-2.json").write_text(json.dumps(dict(iterator.get_state(),
+                                                                next_batch=6)))
+  with pytest.raises(pipeline.PipelineStateError,
+                     match=r"do not agree on one position.*resume with the number of processes"):
+    checkpoint_lib._restore_data(manager, 7, iterator)
+  iterator.close()
+  manager.close()
