@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Eight fake CPU devices so sharding is exercised without accelerators.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: install test test-all demo bench clean
 
@@ -26,8 +26,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# One CPU device: the demo's batches are small, and 8 fake devices would split them 8 ways.
 demo: $(STAMP)
-	$(PY) scripts/demo.py --config=configs/twinbrain.py:tiny --workdir=$(or $(WORKDIR),/tmp/twinbrain_demo)
+	XLA_FLAGS= $(PY) scripts/demo.py --workdir=$(or $(WORKDIR),/tmp/twinbrain_demo)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

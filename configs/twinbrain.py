@@ -142,6 +142,15 @@ def _metaworld_tiny():
   return c
 
 
+def _metaworld_demo():
+  """`metaworld_tiny` trained briefly, for `make demo` (a few tasks, ~4 minutes on 2 cores)."""
+  c = _metaworld_tiny()
+  c.train.update(num_steps=600, log_every=100, progress_bar=True)
+  c.train.optimizer.warmup_steps = 100
+  c.checkpoint.update(every=300, keep_last=1)
+  return c
+
+
 def _metaworld_tiny_monolithic():
   c = _metaworld_tiny()
   c.model.variant = "monolithic"
@@ -174,7 +183,7 @@ def _qwen25vl_7b():
 
 
 PRESETS = dict(tiny=_tiny, small=_small, qwen25vl_3b=_qwen25vl_3b, qwen25vl_7b=_qwen25vl_7b,
-               metaworld_tiny=_metaworld_tiny,
+               metaworld_tiny=_metaworld_tiny, metaworld_demo=_metaworld_demo,
                metaworld_tiny_monolithic=_metaworld_tiny_monolithic,
                metaworld_tiny_blind=_metaworld_tiny_blind)
 

@@ -1,29 +1,43 @@
-"""End to end on generated data, no download: train the tiny preset, stop half-way, resume,
-export an inference bundle, and sample un-normalised actions from it.
+"""The closed loop on Meta-World, no download: demonstrations -> training -> export -> policy
+server -> evaluation through it with openpi-client, next to the scripted expert and random actions.
 
-  python scripts/demo.py --config=configs/twinbrain.py:tiny --workdir=/tmp/twinbrain_demo
+  python scripts/demo.py --workdir=/tmp/twinbrain_demo       # what `make demo` runs
+
+The demonstrations stay in `<workdir>/data` and are reused; the run, bundle and evaluation are
+made anew. Prints every command it runs, the success table, and where the plot and videos are.
 """
 
-import tensorflow_datasets as tfds
-from absl import flags, logging
-from ml_collections import config_flags
+import sys
 
-from twinbrain_jax import cli, sharding
-from twinbrain_jax.training import demo
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/twinbrain.py:tiny", "Config file:preset.")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/twinbrain_demo", "Where the demo writes its files.")
+from twinbrain_jax import cli
+from twinbrain_jax.sim import demo
+
+_DEFAULTS = demo.DemoSettings()
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/twinbrain_demo", "Where the demo writes.")
+_TASKS = flags.DEFINE_string("tasks", _DEFAULTS.tasks, "Meta-World tasks (names or groups).")
+_EPISODES = flags.DEFINE_integer("episodes_per_task", _DEFAULTS.episodes_per_task,
+                                 "Expert demonstrations tried per task.")
+_CONFIG = flags.DEFINE_string("config", _DEFAULTS.config, "Training config file:preset.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "Default: the config's num_steps.")
+_EVAL_EPISODES = flags.DEFINE_integer("eval_episodes", _DEFAULTS.eval_episodes,
+                                      "Evaluation episodes per task.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", _DEFAULTS.max_steps, "Episode limit.")
+_NUM_VIDEOS = flags.DEFINE_integer("num_videos", _DEFAULTS.num_videos,
+                                   "Recorded episodes per task.")
 
 
 def main(argv):
   del argv
-  # The demo prints its own summary and a progress bar; library INFO logs would drown them.
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  tfds.disable_progress_bar()
-  config = _CONFIG.value
-  sharding.maybe_initialize_distributed(config.distributed)
-  demo.run(config, _WORKDIR.value)
+  try:
+    settings = demo.DemoSettings(
+        tasks=_TASKS.value, episodes_per_task=_EPISODES.value, config=_CONFIG.value,
+        train_steps=_TRAIN_STEPS.value, eval_episodes=_EVAL_EPISODES.value,
+        max_steps=_MAX_STEPS.value, num_videos=_NUM_VIDEOS.value)
+    demo.run(settings, _WORKDIR.value)
+  except (demo.StageError, FileExistsError, ValueError) as e:  # ValueError: a misspelt task
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

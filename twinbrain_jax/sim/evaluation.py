@@ -252,6 +252,18 @@ def format_table(result: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def format_comparison(results: Sequence[Mapping[str, Any]]) -> str:
+  """One row per task and group of the first result, one `successes/episodes [95 % CI]` column
+  per result (all evaluated on the same tasks)."""
+  keys = [("tasks", t) for t in results[0]["tasks"]] + [("groups", g) for g in results[0]["groups"]]
+  cell = lambda r: f"{r['successes']}/{r['episodes']} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]"
+  columns = [["task"] + [name if kind == "tasks" else f"[{name}]" for kind, name in keys]]
+  columns += [[r["policy"]] + [cell(r[kind][name]) for kind, name in keys] for r in results]
+  widths = [max(map(len, c)) for c in columns]
+  return "\n".join("  ".join(f"{c[i]:<{w}}" for c, w in zip(columns, widths)).rstrip()
+                   for i in range(len(columns[0])))
+
+
 def plot_success(results: Sequence[Mapping[str, Any]], path: str) -> None:
   """A bar chart of per-task success rates with their 95 % intervals, one bar per result."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -260,7 +272,7 @@ def plot_success(results: Sequence[Mapping[str, Any]], path: str) -> None:
   tasks = list(results[0]["tasks"])
   x = np.arange(len(tasks) + 1)
   width = 0.8 / len(results)
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(x) + 2), 4.0))
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(x) + 2) + 1.5, 4.0))
   for i, result in enumerate(results):
     rows = [result["tasks"][t] for t in tasks] + [result["groups"]["all"]]
     rates = np.array([r["success_rate"] for r in rows])
@@ -273,7 +285,7 @@ def plot_success(results: Sequence[Mapping[str, Any]], path: str) -> None:
   ax.set_ylabel("success rate (95% Wilson CI)")
   ax.set_title(f"Meta-World, {results[0]['settings']['episodes_per_task']} episodes per task "
                "(evaluation seeds)")
-  ax.legend(fontsize="small")
+  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # Clear of the bars.
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

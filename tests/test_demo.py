@@ -1,0 +1,94 @@
+"""`make demo`: the Meta-World closed loop (data -> training -> export -> server -> evaluation)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from fixtures_demo import DEMO_GROUP, TINY_DEMO, tiny_demo  # noqa: F401  (pytest fixture)
+from twinbrain_jax.sim import demo
+from twinbrain_jax.sim import evaluation
+from twinbrain_jax.sim import metaworld as mw
+from twinbrain_jax.sim import metaworld_dataset as mwd
+from twinbrain_jax.training import export
+
+
+def test_settings_refuse_bad_values():
+  with pytest.raises(ValueError, match="drawer-close-v3"):  # Close matches of a misspelt task.
+    demo.DemoSettings(tasks="drawer-clse")
+  with pytest.raises(ValueError, match="eval_episodes must be >= 1"):
+    demo.DemoSettings(eval_episodes=0)
+  with pytest.raises(ValueError, match="train_steps must be >= 1"):
+    demo.DemoSettings(train_steps=0)
+
+
+def _fake_dataset(paths, tasks):
+  os.makedirs(paths.dataset)
+  with open(os.path.join(paths.dataset, mwd.REPORT_FILE), "w") as f:
+    json.dump(dict(tasks=[dict(task=t) for t in tasks]), f)
+
+
+def test_data_is_made_once_and_never_replaced(tmp_path):
+  settings = demo.DemoSettings(tasks="drawer-close,window-open")
+  paths = demo.DemoPaths(str(tmp_path))
+  (command,) = demo.dataset_commands(settings, paths)
+  assert "--tasks=drawer-close,window-open" in command and f"--data_dir={paths.data}" in command
+  _fake_dataset(paths, ["drawer-close-v3", "window-open-v3"])
+  (command,) = demo.dataset_commands(settings, paths)  # Only the tokenizer is missing.
+  assert "--tokenizer_only" in command
+  os.makedirs(paths.tokenizer)
+  assert demo.dataset_commands(settings, paths) == []
+  with pytest.raises(FileExistsError, match="holds demonstrations of drawer-close-v3, "
+                     "window-open-v3, not of the requested reach"):
+    demo.dataset_commands(demo.DemoSettings(tasks="reach"), paths)
+
+
+def test_a_failed_stage_stops_the_demo_and_is_named():
+  with pytest.raises(demo.StageError, match=r"training failed \(exit status 3\)"):
+    demo.check_call("training", [sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_a_server_that_exits_before_listening_is_an_error():
+  server = demo._Server([sys.executable, "-c", "print('no port free')"])
+  try:
+    with pytest.raises(demo.StageError, match=r"exited \(0\) before it listened"):
+      server.wait_ready()
+  finally:
+    server.stop()
+
+
+def test_comparison_table_has_a_column_per_policy():
+  results = [dict(policy=name, tasks={"reach-v3": evaluation.summarize([True] * k + [False])},
+                  groups={"all": evaluation.summarize([True] * k + [False])})
+             for name, k in (("expert", 3), ("random", 0))]
+  lines = evaluation.format_comparison(results).splitlines()
+  assert lines[0].split() == ["task", "expert", "random"]
+  assert lines[1].split()[:3] == ["reach-v3", "3/4", "[30%,"] and "0/1" in lines[1]
+  assert lines[2].startswith("[all]")
+
+
+@pytest.mark.xdist_group(DEMO_GROUP)
+def test_tiny_demo_runs_the_closed_loop(tiny_demo):
+  workdir, result = tiny_demo
+  paths = demo.DemoPaths(str(workdir))
+  out = result.stdout
+  for stage in ("1/4 data", "2/4 training", "3/4 export", "4/4 closed loop"):
+    assert stage in out
+  assert "serving on ws://127.0.0.1:" in out  # Through the real server ...
+  assert "--server=127.0.0.1:" in out  # ... and openpi-client.
+  header = [line for line in out.splitlines() if line.startswith("task ")][-1]  # The last table.
+  assert header.split() == ["task", "expert", "random", "twinbrain"]
+  results = {}
+  for label in ("expert", "random", "twinbrain"):
+    with open(os.path.join(paths.eval, f"{label}.json")) as f:
+      results[label] = json.load(f)
+    task = results[label]["tasks"]["drawer-close-v3"]
+    assert task["seeds"] == [mw.EVAL_SEED_START] and task["max_steps"] == TINY_DEMO["max_steps"]
+    assert task["successes"] == 1 or task["steps_per_episode"] == [TINY_DEMO["max_steps"]]
+  assert results["twinbrain"]["settings"]["source"].startswith("server 127.0.0.1:")
+  assert os.path.getsize(os.path.join(paths.eval, "twinbrain_success.png")) > 0
+  assert os.listdir(os.path.join(paths.eval, "twinbrain_videos"))
+  for name in (export.PARAMS_DIR, export.CONFIG_FILE, export.NORM_STATS_FILE, export.TOKENIZER_DIR):
+    assert os.path.exists(os.path.join(paths.bundle, name))
+  assert f"plot:   {paths.eval}" in out
