@@ -26,15 +26,19 @@ from fixtures_training import REPO, tiny_config
 from twinbrain_jax.data import pipeline
 from twinbrain_jax.training import checkpoint as checkpoint_lib
 from twinbrain_jax.training import demo_data, export, loop
+from twinbrain_jax.training import optimizer as optimizer_lib
 
 absl.flags.FLAGS.mark_as_parsed()  # grain reads absl flags.
 
 NUM_STEPS, STOP_STEP, SIGNALLED_PROCESS = 3, 2, 1
 # Two processes reduce across the gloo TCP collectives, one across in-process CPU collectives:
 # the summation order of the gradients may differ, so float32 results may differ in the last
-# bits. Losses are compared within LOSS_RTOL, every parameter within PARAM_TOL of its leaf's
-# largest magnitude (measured: see README.md).
-LOSS_RTOL, PARAM_TOL = 1e-5, 1e-5
+# bits, and Adam's normalised updates turn a relative difference in a small gradient into a
+# difference of up to the learning rate. Losses are compared within LOSS_RTOL; every parameter
+# within PARAM_TOL of the learning rate summed over the steps taken (how far Adam can have moved
+# it: a batch assembled in another order moves parameters by about that much), measured in
+# README.md.
+LOSS_RTOL, PARAM_TOL = 1e-5, 1e-2
 # The action expert's attention key biases get a zero gradient in exact arithmetic (softmax is
 # invariant to adding q.b to every key), so their Adam updates are normalised rounding noise
 # (of the order of the learning rate times the step count) in any two runs that sum in another
@@ -115,7 +119,7 @@ def one_process(config, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_processes(config, tmp_path_factory):
   """2 processes x 4 devices through the launcher; process 1 gets a SIGTERM after step
-  STOP_STEP. (workdir, launcher's CompletedProcess-like record, per-process results, pids)."""
+  STOP_STEP. (workdir, the launcher's status and output, per-process results, pids)."""
   root = tmp_path_factory.mktemp("two_processes")
   workdir, out = root / "run", root / "out"
   out.mkdir()
@@ -172,9 +176,15 @@ def test_a_sigterm_to_one_process_stops_both_at_one_step_with_one_checkpoint(two
       l.startswith("[1] ") and "] step " in l for l in job["stderr"].splitlines())
 
 
-def _assert_params_close(got_tree, want_tree) -> float:
-  """Every parameter (but the noise-only ones) within PARAM_TOL of its leaf's largest magnitude;
-  returns the largest difference relative to that magnitude."""
+def _summed_lr(config, steps: int) -> float:
+  """The largest group's learning rate summed over the first `steps` optimizer steps."""
+  return max(sum(float(schedule(s)) for s in range(steps))
+             for schedule in optimizer_lib.group_schedules(config.train).values())
+
+
+def _assert_params_close(got_tree, want_tree, summed_lr: float) -> float:
+  """Every parameter (but the noise-only ones) within PARAM_TOL * `summed_lr`; returns the
+  largest difference as a fraction of `summed_lr`."""
   got = {jax.tree_util.keystr(path): leaf
          for path, leaf in jax.tree_util.tree_flatten_with_path(got_tree)[0]}
   want = {jax.tree_util.keystr(path): leaf
@@ -186,14 +196,13 @@ def _assert_params_close(got_tree, want_tree) -> float:
     if _NOISE_ONLY.fullmatch(key):
       continue
     a, b = np.asarray(got[key], np.float32), np.asarray(want[key], np.float32)
-    scale = max(float(np.abs(b).max()), 1e-6)
-    np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_TOL * scale, err_msg=key)
-    largest = max(largest, float(np.abs(a - b).max()) / scale)
+    np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_TOL * summed_lr, err_msg=key)
+    largest = max(largest, float(np.abs(a - b).max()) / summed_lr)
   return largest
 
 
 @pytest.mark.slow  # The 1-process reference adds about 2 minutes to the 2-process job's 3.
-def test_two_processes_train_what_one_process_trains(one_process, two_processes):
+def test_two_processes_train_what_one_process_trains(one_process, two_processes, config):
   """The same losses (two optimizer steps of two micro-batches) and final parameters."""
   one_dir, one = one_process
   two_dir, job, results, _ = two_processes
@@ -205,10 +214,10 @@ def test_two_processes_train_what_one_process_trains(one_process, two_processes)
                              rtol=LOSS_RTOL)
   two_params, _, _ = export.restore_checkpoint(two_dir / "checkpoints", STOP_STEP)
   one_params, _, _ = export.restore_checkpoint(one_dir / "checkpoints", STOP_STEP)
-  largest = _assert_params_close(two_params, one_params)
+  largest = _assert_params_close(two_params, one_params, _summed_lr(config, STOP_STEP))
   print(f"2 vs 1 process: losses {[two_losses[s] for s in steps]} vs "
         f"{[one.losses[s] for s in steps]}; largest parameter difference {largest:.3g} of the "
-        "leaf's scale")
+        "summed learning rate")
 
 
 @pytest.mark.slow
@@ -225,10 +234,11 @@ def test_one_process_resumes_the_two_process_checkpoint(one_process, two_process
   assert sorted(resumed.losses) == steps
   np.testing.assert_allclose([resumed.losses[s] for s in steps], [one.losses[s] for s in steps],
                              rtol=LOSS_RTOL)
-  largest = _assert_params_close(resumed.state.params, one.state.params)
+  largest = _assert_params_close(resumed.state.params, one.state.params,
+                                 _summed_lr(config, NUM_STEPS))
   print(f"resumed on 1 process: losses {[resumed.losses[s] for s in steps]} vs "
         f"{[one.losses[s] for s in steps]}; largest parameter difference {largest:.3g} of the "
-        "leaf's scale")
+        "summed learning rate")
 
 
 # --- the launcher, with stand-in children (no JAX) -------------------------------------------
