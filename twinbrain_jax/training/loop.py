@@ -30,9 +30,10 @@ from jax.experimental import multihost_utils
 from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
 from twinbrain_jax.data.pipeline import DataPipeline
-from twinbrain_jax.inputs import ModelInputs
+from twinbrain_jax.inputs import ModelInputs, model_inputs_for
+from twinbrain_jax.models import families, libra
 from twinbrain_jax.models.tokenizer import QwenTokenizer
-from twinbrain_jax.models.twinbrain import TwinBrainVLA, train_step_flops
+from twinbrain_jax.models.twinbrain import train_step_flops
 from twinbrain_jax.training import checkpoint as checkpoint_lib
 from twinbrain_jax.training import optimizer as optimizer_lib
 from twinbrain_jax.training import state as state_lib
@@ -76,14 +77,31 @@ def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
 
 
 def model_inputs(config: ml_collections.ConfigDict) -> ModelInputs:
-  return ModelInputs(state_lib.model_config(config), QwenTokenizer.from_file(tokenizer_dir(config)),
-                     config.inputs.max_left_tokens, config.inputs.max_right_tokens,
-                     image_size(config.data))
+  return model_inputs_for(state_lib.model_config(config),
+                          QwenTokenizer.from_file(tokenizer_dir(config)),
+                          config.inputs.max_left_tokens, config.inputs.max_right_tokens,
+                          image_size(config.data))
+
+
+def _step_flops(inputs: ModelInputs, batch_size: int, num_repeats: int) -> int:
+  """Analytic FLOPs of one train step of the config's model family."""
+  if isinstance(inputs.config, libra.LibraConfig):
+    return libra.train_step_flops(inputs.config, batch_size, inputs.max_left_tokens,
+                                  inputs.patches_per_image, num_repeats)["total"]
+  return train_step_flops(inputs.config, batch_size, inputs.max_left_tokens,
+                          inputs.max_right_tokens, inputs.patches_per_image, num_repeats)["total"]
 
 
 class _Preemption:
   """Turns SIGTERM and SIGINT into a flag read between start-up phases and at step boundaries
-  (main thread only). A second SIGINT interrupts at once, as Ctrl-C twice is meant to."""
+  (main thread only). A second SIGINT interrupts at once, as Ctrl-C twice is meant to.
+
+  In a multi-process job the signal may reach one process only (a preempted host, a `kill`);
+  `agreed()` tells every process whether any of them was signalled, so that all stop at the same
+  step boundary and write one consistent checkpoint. It all-gathers one int32 per process: a tiny
+  collective, but it waits for the step in flight, so the host prepares the next batch only once
+  the device is done with the current one (one process needs nothing of that).
+  """
 
   def __init__(self):
     self.requested = False
@@ -104,6 +122,12 @@ class _Preemption:
     logging.warning("%s: stopping at the next step boundary (with a checkpoint) or start-up "
                     "phase (writing nothing).", signal.Signals(signum).name)
     self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process was signalled. Every process must call it at the same points."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
@@ -140,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   `result.state` None); during training, after saving at the next step boundary.
 
   Args:
-    config: a `configs/twinbrain.py` config.
+    config: a `configs/twinbrain.py` or `configs/libra.py` config.
     workdir: checkpoints, TensorBoard events (paths in the config are relative to it).
     stop_after: stop (with a checkpoint) after this many steps of this call, as if preempted.
     on_step: called with the step number after every step (tests use it to send signals).
@@ -169,11 +193,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   accum = int(train_cfg.grad_accum_steps)
   step_lib.check_batch_size(int(config.data.batch_size), mesh, accum)
   inputs = model_inputs(config)
-  model = TwinBrainVLA(inputs.config)
-  tx = optimizer_lib.make_optimizer(train_cfg)
-  schedules = optimizer_lib.group_schedules(train_cfg)
+  model = families.build_model(inputs.config)
+  if isinstance(model, libra.LibraVLA) and int(config.data.action_horizon) != (
+      inputs.config.plan_length):
+    raise ConfigError(f"data.action_horizon={config.data.action_horizon} must equal Libra's plan "
+                      f"length L = M x H = {inputs.config.plan_length} (model.num_segments x "
+                      "model.segment_length).")
+  groups = families.TRAINABLE_GROUPS[families.family(config)]
+  tx = optimizer_lib.make_optimizer(train_cfg, groups)
+  schedules = optimizer_lib.group_schedules(train_cfg, groups)
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
-  if preemption.requested:
+  if preemption.agreed():
     return _preempted_in_startup(checkpoint_dir)
 
   pipeline = DataPipeline(config.data)
@@ -181,7 +211,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   eval_pipeline = _eval_pipeline(config, pipeline)
   norm_stats = {name: stats.to_json() for name, stats in pipeline.norm_stats.items()}
   config_json = checkpoint_lib.config_to_json(config)
-  if preemption.requested:
+  if preemption.agreed():
     return _preempted_in_startup(checkpoint_dir, data_iter)
 
   manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
@@ -189,7 +219,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   if checkpoint_lib.list_steps(checkpoint_dir):
     start, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=data_iter,
                                              config=config_json)
-    if preemption.requested:
+    if preemption.agreed():
       return _preempted_in_startup(checkpoint_dir, data_iter, manager)
     # Steps after the restored one are damaged; this run saves those step numbers again.
     for moved in checkpoint_lib.set_aside(checkpoint_dir, start):
@@ -201,27 +231,31 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   else:
     start = 0
     state = state_lib.create_train_state(model, tx, mesh, rules, config.seed, shardings)
-    if config.init.hf_checkpoint:
+    if isinstance(model, libra.LibraVLA):
+      state = state_lib.load_pretrained_libra(state, shardings, inputs.config,
+                                              config.init.hf_checkpoint,
+                                              config.init.get("siglip_checkpoint"))
+    elif config.init.hf_checkpoint:
       state = state_lib.load_pretrained_backbones(state, shardings, inputs.config,
                                                   config.init.hf_checkpoint, mesh, rules)
-    if preemption.requested:
+    if preemption.agreed():
       return _preempted_in_startup(checkpoint_dir, data_iter, manager)
 
   batch_size = int(config.data.batch_size)
   grid = inputs.image_grid_thw(batch_size)
   step_fn = step_lib.make_train_step(model, tx, grid, config.flow.num_repeats, accum, schedules)
-  flops = train_step_flops(inputs.config, batch_size, inputs.max_left_tokens,
-                           inputs.max_right_tokens, inputs.patches_per_image,
-                           config.flow.num_repeats)["total"]
+  flops = _step_flops(inputs, batch_size, config.flow.num_repeats)
   tokens_per_step = batch_size * (inputs.max_left_tokens + inputs.max_right_tokens)
   peak = float(train_cfg.peak_flops_per_device) * jax.device_count()
 
   def next_batch(iterator):
     return inputs(next(iterator))
 
+  # Metrics are global (every process holds the same values): process 0 alone reports them.
+  chief = jax.process_index() == 0
   writer = _writer(os.path.join(workdir, train_cfg.tensorboard_dir))
   bar = None
-  if train_cfg.progress_bar and jax.process_index() == 0:
+  if train_cfg.progress_bar and chief:
     import tqdm
     bar = tqdm.tqdm(total=train_cfg.num_steps, initial=start, desc="train", dynamic_ncols=True)
   losses, eval_losses, throughput = {}, {}, {}
@@ -237,7 +271,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     while step < train_cfg.num_steps:
-      if preemption.requested or (jax.process_count() > 1 and manager.reached_preemption(step)):
+      if preemption.agreed() or (jax.process_count() > 1 and manager.reached_preemption(step)):
         preempted = True
         break
       if stop_after is not None and step - start >= stop_after:
@@ -270,7 +304,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
           bar.set_postfix(loss=f"{scalars['loss']:.4f}", gnorm=f"{scalars['grad_norm']:.3f}",
                           sps=f"{throughput['samples_per_s']:.1f}",
                           mfu=f"{throughput['mfu']:.2%}")
-        logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        if chief:
+          logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
         interval_start, interval_steps = time.perf_counter(), 0
       if bar is not None:
         bar.update(1)
@@ -287,7 +322,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
         eval_losses[step] = float(np.mean(jax.device_get(values)))
         if writer is not None:
           writer.add_scalar("eval/loss", eval_losses[step], step)
-        logging.info("step %d: eval loss %.4f", step, eval_losses[step])
+        if chief:
+          logging.info("step %d: eval loss %.4f", step, eval_losses[step])
         interval_start = time.perf_counter()  # Validation time is not step time.
 
       if step % config.checkpoint.every == 0:
