@@ -46,15 +46,6 @@ _PEAK = flags.DEFINE_enum("peak", None, sorted(PEAK_FLOPS),
                           "Device whose peak the MFU uses; default train.peak_flops_per_device.")
 
 
-def _median_seconds(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -93,7 +84,7 @@ def main(argv):
       return metrics["loss"]
 
     jax.block_until_ready(run())  # Warm-up.
-    step_s = _median_seconds(run, _REPEATS.value)
+    step_s = cli.median_seconds(run, _REPEATS.value)
     params = holder[0].all_params()
     obs1 = {k: (v[:, :1] if k.endswith("position_ids") else v[:1]) for k, v in obs.items()}
     obs1["pixel_values"] = obs["pixel_values"][:int(np.prod(grid[0]))]
@@ -101,7 +92,7 @@ def main(argv):
                                                      num_steps=config.flow.num_steps))
     chunk = sampler.lower(params, obs1, jax.random.key(0)).compile()
     jax.block_until_ready(chunk(params, obs1, jax.random.key(0)))
-    chunk_s = _median_seconds(lambda: chunk(params, obs1, jax.random.key(0)), _REPEATS.value)
+    chunk_s = cli.median_seconds(lambda: chunk(params, obs1, jax.random.key(0)), _REPEATS.value)
 
   flops = train_step_flops(model_config, batch_size, obs["left_input_ids"].shape[1],
                            obs["right_input_ids"].shape[1], int(np.prod(grid[0])),
