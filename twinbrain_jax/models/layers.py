@@ -71,6 +71,16 @@ class RMSNorm(nn.Module):
     return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
+def layer_norm(eps: float = 1e-6, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+  """`nn.LayerNorm` (scale and bias, two-pass variance as torch computes it) whose params carry
+  the logical axis `norm`."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Masked scaled dot-product attention with grouped-query heads.
 

@@ -137,6 +137,8 @@ class Qwen25VLConfig:
   vision_start_token_id: int
   vision_end_token_id: int
 
+  family = "qwen25vl"  # Not a field: which backbone this config builds.
+
   @classmethod
   def from_config_dict(cls, cd: Mapping[str, Any]) -> Qwen25VLConfig:
     """From `config.model.backbone` (a `backbone_presets.backbone_preset(...)` block)."""
@@ -197,11 +199,17 @@ def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
   half = head_dim // 2
   if sum(mrope_section) != half:
     raise ValueError(f"mrope_section={list(mrope_section)} must sum to head_dim/2={half}.")
-  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-  # Which position axis drives each frequency: [D/2] in {0, 1, 2}.
   axis_of_freq = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
+  return rope_cos_sin_by_axis(position_ids, head_dim, theta, axis_of_freq)
+
+
+def rope_cos_sin_by_axis(position_ids: jax.Array, head_dim: int, theta: float,
+                         axis_of_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """Cos/sin tables [B, L, D] (float32) where frequency j takes its angle from position axis
+  `axis_of_freq[j]` of `position_ids` [3, B, L]; `axis_of_freq` is `[D/2]` in {0, 1, 2}."""
+  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   positions = jnp.asarray(position_ids).astype(jnp.float32)  # [3, B, L]
-  positions = jnp.moveaxis(positions[axis_of_freq], 0, -1)  # [B, L, D/2]
+  positions = jnp.moveaxis(positions[np.asarray(axis_of_freq)], 0, -1)  # [B, L, D/2]
   angles = positions * jnp.asarray(inv_freq, jnp.float32)  # [B, L, D/2]
   angles = jnp.concatenate([angles, angles], axis=-1)  # [B, L, D]
   return jnp.cos(angles), jnp.sin(angles)
@@ -335,16 +343,18 @@ class DecoderLayer(nn.Module):
   """A Qwen2 pre-norm decoder layer, split into the halves that joint attention needs.
 
   `__call__(hidden, cos, sin, mask, cache)` = `qkv` -> `dot_product_attention` -> `out`.
+  Subclasses change the attention projections through `attention_cls` (Qwen3's q/k norms).
   """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_cls = Attention  # Not a field: a subclass's choice.
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
-    self.self_attn = Attention(c, **kw)
+    self.self_attn = self.attention_cls(c, **kw)
     self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
     self.mlp = MLP(c, **kw)
 
@@ -412,12 +422,14 @@ class TextModel(nn.Module):
   """The Qwen2 language model: token embedding, decoder layers, final RMSNorm.
 
   `remat_policy` (see `REMAT_POLICIES`) recomputes each layer's halves (`qkv`, `out`) in the
-  backward pass, also when AsyMoT drives them one by one.
+  backward pass, also when AsyMoT drives them one by one. Subclasses change the layers through
+  `decoder_layer_cls` and the position encoding through `rotary`.
   """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  decoder_layer_cls = DecoderLayer  # Not a field: a subclass's choice.
 
   def setup(self):
     c = self.config
@@ -426,9 +438,9 @@ class TextModel(nn.Module):
         c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw)
     check_remat_policy(self.remat_policy)
-    layer_cls = DecoderLayer
+    layer_cls = self.decoder_layer_cls
     if self.remat_policy != "none":
-      layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy],
+      layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
                            methods=("qkv", "out"))
     self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
@@ -443,7 +455,8 @@ class TextModel(nn.Module):
     return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
 
   def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
-               attention_mask: jax.Array, cache: KVCache | None = None
+               attention_mask: jax.Array, cache: KVCache | None = None,
+               layer_additions: jax.Array | None = None
                ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder.
 
@@ -454,6 +467,8 @@ class TextModel(nn.Module):
         covers only the L new tokens; the cache remembers the earlier ones.
       cache: a `KVCache`; the L new tokens go to slots `cache.index ..`, so a prefill followed by
         single-token steps reproduces the full forward.
+      layer_additions: [K, B, L, E] added to the residual stream after layers 0 .. K-1 (Qwen3-VL's
+        DeepStack image features, zero away from the image tokens), or None.
 
     Returns:
       (final-norm hidden states [B, L, E], the updated cache or None).
@@ -475,6 +490,8 @@ class TextModel(nn.Module):
       layer_caches = list(cache.layers)
     for i, layer in enumerate(self.layers):
       hidden, layer_caches[i] = layer(hidden, cos, sin, mask, layer_caches[i])
+      if layer_additions is not None and i < layer_additions.shape[0]:
+        hidden = hidden + layer_additions[i].astype(hidden.dtype)
     if cache is not None:
       cache = KVCache(layers=tuple(layer_caches), key_mask=key_mask)
     return self.norm(hidden), cache
@@ -588,18 +605,52 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def scatter_image_features(base: jax.Array, input_ids: jax.Array, features: jax.Array,
+                           image_token_id: int) -> jax.Array:
+  """`base` with its image-token positions replaced by the image features, in prompt order.
+
+  Args:
+    base: [B, L, E] (token embeddings, or zeros for an additive map).
+    input_ids: [B, L] with one `image_token_id` per merged image token.
+    features: [N_tok, E] merged image tokens of all images in prompt order.
+
+  Returns:
+    [B, L, E]; raises when `input_ids` is concrete and its image-token count differs from N_tok.
+  """
+  is_image = (input_ids == image_token_id).reshape(-1)  # [B*L]
+  if _is_concrete(input_ids):
+    count = int(np.asarray(is_image).sum())
+    if count != features.shape[0]:
+      raise ValueError(
+          f"The prompts hold {count} image tokens (id {image_token_id}) but the images give "
+          f"{features.shape[0]} merged features; expand each image placeholder to "
+          "t*h*w/merge**2 tokens.")
+  # The k-th image token takes the k-th feature (features are in prompt order).
+  feature_index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
+  batch, length, width = base.shape
+  flat = jnp.where(is_image[:, None], features[feature_index].astype(base.dtype),
+                   base.reshape(batch * length, width))
+  return flat.reshape(batch, length, width)
+
+
 class Qwen25VL(nn.Module):
   """Qwen2.5-VL: vision tower, image features merged into the token embeddings, text model,
-  lm head (tied to the embedding matrix when `tie_word_embeddings`)."""
+  lm head (tied to the embedding matrix when `tie_word_embeddings`).
+
+  Subclasses (Qwen3-VL) swap the parts through `vision_tower_cls` / `text_model_cls`.
+  """
   config: Qwen25VLConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  vision_tower_cls = VisionTower  # Not fields: a subclass's choice.
+  text_model_cls = TextModel
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.visual = VisionTower(self.config.vision, remat=self.remat_policy != "none", **kw)
-    self.model = TextModel(self.config.text, remat_policy=self.remat_policy, **kw)
+    self.visual = self.vision_tower_cls(self.config.vision, remat=self.remat_policy != "none",
+                                        **kw)
+    self.model = self.text_model_cls(self.config.text, remat_policy=self.remat_policy, **kw)
     if not self.config.text.tie_word_embeddings:
       self.lm_head = dense(self.config.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
@@ -629,20 +680,27 @@ class Qwen25VL(nn.Module):
     if image_grid_thw is None:
       raise ValueError("pixel_values were given without image_grid_thw; pass both.")
     features = self.visual(pixel_values, np.asarray(image_grid_thw))  # [N_tok, E]
-    is_image = (input_ids == self.config.image_token_id).reshape(-1)  # [B*L]
-    if _is_concrete(input_ids):
-      count = int(np.asarray(is_image).sum())
-      if count != features.shape[0]:
-        raise ValueError(
-            f"The prompts hold {count} image tokens (id {self.config.image_token_id}) but the "
-            f"images give {features.shape[0]} merged features; expand each image placeholder "
-            "to t*h*w/merge**2 tokens.")
-    # The k-th image token takes the k-th feature (features are in prompt order).
-    feature_index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
-    batch, length, width = embeds.shape
-    flat = jnp.where(is_image[:, None], features[feature_index].astype(embeds.dtype),
-                     embeds.reshape(batch * length, width))
-    return flat.reshape(batch, length, width)
+    return scatter_image_features(embeds, input_ids, features, self.config.image_token_id)
+
+  def embed_multimodal(self, input_ids: jax.Array, pixel_values: jax.Array | None,
+                       image_grid_thw: np.ndarray | None) -> tuple[jax.Array, None]:
+    """(`embed_inputs(...)`, None): the backbone-agnostic form `TwinBrainVLA` calls; Qwen3-VL
+    returns its DeepStack `layer_additions` in the second slot."""
+    return self.embed_inputs(input_ids, pixel_values, image_grid_thw), None
+
+  def prompt_position_ids(self, input_ids: jax.Array, attention_mask: jax.Array,
+                          image_grid_thw: np.ndarray | None, cache: KVCache | None) -> np.ndarray:
+    """[3, B, L] `get_rope_index` positions of a prompt (concrete inputs, empty cache)."""
+    if cache is not None and not (_is_concrete(cache.index) and int(cache.index) == 0):
+      raise ValueError(
+          "With a filled KVCache, pass position_ids for the new tokens: "
+          "decode_position_ids(num_valid, rope_deltas) after get_rope_index of the prompt.")
+    if not (_is_concrete(input_ids) and _is_concrete(attention_mask)):
+      raise ValueError(
+          "position_ids=None needs concrete input_ids and attention_mask to run get_rope_index; "
+          "under jit, compute position_ids with get_rope_index outside and pass them in.")
+    return get_rope_index(np.asarray(input_ids), image_grid_thw, np.asarray(attention_mask),
+                          self.config)[0]
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                pixel_values: jax.Array | None = None, image_grid_thw: np.ndarray | None = None,
@@ -663,16 +721,7 @@ class Qwen25VL(nn.Module):
       dict(logits [B, L, vocab], hidden_states [B, L, E] (final norm), cache).
     """
     if position_ids is None:
-      if cache is not None and not (_is_concrete(cache.index) and int(cache.index) == 0):
-        raise ValueError(
-            "With a filled KVCache, pass position_ids for the new tokens: "
-            "decode_position_ids(num_valid, rope_deltas) after get_rope_index of the prompt.")
-      if not (_is_concrete(input_ids) and _is_concrete(attention_mask)):
-        raise ValueError(
-            "position_ids=None needs concrete input_ids and attention_mask to run get_rope_index; "
-            "under jit, compute position_ids with get_rope_index outside and pass them in.")
-      position_ids, _ = get_rope_index(np.asarray(input_ids), image_grid_thw,
-                                       np.asarray(attention_mask), self.config)
+      position_ids = self.prompt_position_ids(input_ids, attention_mask, image_grid_thw, cache)
     embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
     hidden, cache = self.model(embeds, position_ids, attention_mask, cache)
     return dict(logits=self.logits(hidden), hidden_states=hidden, cache=cache)

@@ -1,0 +1,421 @@
+"""Qwen3-VL vision tower (ViT with learned + rotary positions, a 2x2 merger, DeepStack) in linen.
+
+Reads top to bottom as the architecture: patch embedding (the Conv3d, with bias, as a Dense over
+each flattened `(C, T, p, p)` patch) plus a learned position table of `num_position_embeddings`
+(a square grid) bilinearly resampled to each image's patch grid (`position_interpolation`, HF's
+`align_corners=True` taps and weights), 2-D rotary embedding over (row, column) patch positions
+(shared with Qwen2.5-VL), blocks of LayerNorm -> attention over the whole frame -> LayerNorm ->
+GELU MLP (no windows, no gating), then the merger (LayerNorm, concatenate each `merge x merge`
+group, Linear, GELU, Linear). DeepStack: the outputs of the blocks in
+`deepstack_visual_indexes` each go through their own merger, whose LayerNorm acts after the
+concatenation; the decoder adds them to its hidden states at the image tokens
+(`qwen3vl.TextModel`). `vision_params_from_hf` at the end fills the tower from a Hugging Face
+checkpoint.
+
+Packing, patch order and attention segments are those of `qwen25vl_vision` (one segment per
+frame, planned in numpy from the static `grid_thw`). Parameter names mirror HF's
+(`patch_embed`, `pos_embed`, `blocks_{i}/{norm1, attn/{qkv, proj}, norm2, mlp/{linear_fc1,
+linear_fc2}}`, `merger`, `deepstack_merger_list_{k}`) with the same logical axes as the
+Qwen2.5-VL tower; the position table is `[None, embed]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twinbrain_jax.models.layers import EinsumDense, dense, layer_norm
+from twinbrain_jax.models.qwen25vl_vision import (AttentionSegments, apply_rotary,
+                                                  attention_segments, check_grid_thw,
+                                                  rotary_cos_sin, vision_positions)
+
+Dtype = Any
+
+# Defaults of HF's `Qwen3VLVisionConfig` for keys a `config.json` may leave out.
+_HF_VISION_DEFAULTS = dict(
+    depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304,
+    num_heads=16, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+    out_hidden_size=3584, num_position_embeddings=2304, deepstack_visual_indexes=(8, 16, 24))
+
+# HF activation names -> whether linen's GELU uses the tanh approximation.
+_GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu": False}
+
+LAYER_NORM_EPS = 1e-6  # Fixed in HF's Qwen3-VL vision blocks and mergers.
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """Sizes of the Qwen3-VL vision tower; field names follow the HF `vision_config`."""
+  depth: int
+  hidden_size: int
+  num_heads: int
+  intermediate_size: int
+  out_hidden_size: int
+  deepstack_visual_indexes: tuple[int, ...]
+  num_position_embeddings: int = 2304
+  patch_size: int = 16
+  temporal_patch_size: int = 2
+  spatial_merge_size: int = 2
+  in_channels: int = 3
+  hidden_act: str = "gelu_pytorch_tanh"
+  rope_theta: float = 10000.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "deepstack_visual_indexes",
+                       tuple(int(i) for i in self.deepstack_visual_indexes))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"vision hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    if self.head_dim % 4:
+      raise ValueError(f"vision head_dim={self.head_dim} must be a multiple of 4 for the 2-D "
+                       "rotary embedding (a quarter of it per axis, cos and sin halves).")
+    side = math.isqrt(self.num_position_embeddings)
+    if side * side != self.num_position_embeddings or side < 2:
+      raise ValueError(f"vision num_position_embeddings={self.num_position_embeddings} must be a "
+                       "square of at least 4 (the learned positions form a square grid).")
+    bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"vision deepstack_visual_indexes {bad} lie outside "
+                       f"[0, depth={self.depth}).")
+    if self.hidden_act not in _GELU_APPROXIMATE:
+      raise ValueError(f"vision hidden_act={self.hidden_act!r} is not supported; choose one of "
+                       f"{sorted(_GELU_APPROXIMATE)}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    """Length of one flattened input patch, `C * T * p * p`."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+  @property
+  def num_grid_per_side(self) -> int:
+    """Side of the learned position grid."""
+    return math.isqrt(self.num_position_embeddings)
+
+  @classmethod
+  def from_config_dict(cls, cd: Mapping[str, Any]) -> VisionConfig:
+    """From `config.model.backbone.vision` (a ConfigDict or dict with this class's fields)."""
+    cd = dict(cd)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cd) - names)
+    if unknown:
+      raise ValueError(f"Unknown Qwen3-VL vision config field(s) {unknown}; known: "
+                       f"{sorted(names)}.")
+    return cls(**cd)
+
+  @classmethod
+  def from_hf(cls, d: Mapping[str, Any]) -> VisionConfig:
+    """From the `vision_config` dict of a HF Qwen3-VL `config.json`."""
+    d = dict(d)
+    v = {k: d.get(k, default) for k, default in _HF_VISION_DEFAULTS.items()}
+    rope = d.get("rope_parameters") or {}
+    v["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    return cls(**v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned positions: pure numpy on the static grid.
+
+
+def _axis_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+  """Bilinear (`align_corners=True`) taps `[N, 2]` into a `side`-long axis and their fp32
+  weights, for target positions `index` on axes of length `size` (HF's float32 arithmetic)."""
+  index = index.astype(np.float32)
+  src = index * np.float32(side - 1) / np.maximum(size - 1, 1).astype(np.float32)
+  floor = np.floor(src)
+  offsets = np.arange(2)
+  taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+  distance = np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32))
+  return taps, np.maximum(np.float32(1) - distance, np.float32(0))
+
+
+def position_interpolation(grid_thw: np.ndarray, num_grid_per_side: int,
+                           spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of the learned position table and their weights for each packed patch.
+
+  The square table of side `S` is resampled to each image's `(h, w)` patch grid as
+  `F.interpolate(mode="bilinear", align_corners=True)` would; patches are merge-block-major and
+  every frame of an image gets the same positions.
+
+  Returns:
+    `indices` int32 `[N, 4]` into the flattened `[S * S]` table, `weights` float32 `[N, 4]`.
+  """
+  indices, weights = [], []
+  side = num_grid_per_side
+  for t, h, w in grid_thw.tolist():
+    rows, cols = vision_positions(np.array([[1, h, w]]), spatial_merge_size).T
+    row_taps, row_weights = _axis_taps(rows, np.full_like(rows, h), side)
+    col_taps, col_weights = _axis_taps(cols, np.full_like(cols, w), side)
+    idx = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
+    wts = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
+    indices.append(np.tile(idx, (t, 1)))
+    weights.append(np.tile(wts, (t, 1)))
+  return (np.concatenate(indices).astype(np.int32),
+          np.concatenate(weights).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+
+
+class VisionAttention(nn.Module):
+  """Multi-head self-attention within each frame, with 2-D RoPE on q and k."""
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segments: AttentionSegments):
+    """x `[N, E]`, cos/sin `[N, D]` -> `[N, E]`."""
+    c = self.config
+    heads, head_dim = c.num_heads, c.head_dim
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = EinsumDense("ne,ethd->nthd", (c.hidden_size, 3, heads, head_dim),
+                      ("embed", None, "heads", "kv"), **kw, name="qkv")(x)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    # Packed tokens -> padded frames [S, L, H, D]; padding keys are masked by length.
+    q, k, v = (nn.with_logical_constraint(a[segments.gather], ("batch", "length", "heads", "kv"))
+               for a in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=segments.lengths)
+    out = out.reshape(-1, heads, head_dim)[segments.scatter]  # [N, H, D]
+    return EinsumDense("nhd,hde->ne", (heads, head_dim, c.hidden_size), ("heads", "kv", "embed"),
+                       contracted=2, **kw, name="proj")(out)
+
+
+class VisionMLP(nn.Module):
+  """linear_fc2(gelu(linear_fc1(x))), with biases."""
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = dense(c.intermediate_size, ("embed", "mlp"), name="linear_fc1", **kw)(x)
+    hidden = nn.gelu(hidden, approximate=_GELU_APPROXIMATE[c.hidden_act])
+    hidden = nn.with_logical_constraint(hidden, ("batch", "mlp"))
+    return dense(c.hidden_size, ("mlp", "embed"), name="linear_fc2", **kw)(hidden)
+
+
+class VisionBlock(nn.Module):
+  """LayerNorm -> attention -> LayerNorm -> MLP, with residuals."""
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segments: AttentionSegments):
+    """x `[N, E]` -> `[N, E]`."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + VisionAttention(self.config, **kw, name="attn")(
+        layer_norm(LAYER_NORM_EPS, **kw, name="norm1")(x), cos, sin, segments)
+    x = x + VisionMLP(self.config, **kw, name="mlp")(
+        layer_norm(LAYER_NORM_EPS, **kw, name="norm2")(x))
+    return nn.with_logical_constraint(x, ("batch", "embed"))
+
+
+class PatchMerger(nn.Module):
+  """LayerNorm, concatenate each merge group of patches, Linear, GELU (erf), Linear.
+
+  Attributes:
+    norm_after_merge: normalise the concatenated `merge**2 * E` vector (DeepStack mergers)
+      instead of each patch (the final merger).
+  """
+  config: VisionConfig
+  norm_after_merge: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x `[N, E]` -> `[N // merge**2, out_hidden_size]`."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    merged_dim = c.hidden_size * c.spatial_merge_size**2
+    norm = layer_norm(LAYER_NORM_EPS, **kw, name="norm")
+    if self.norm_after_merge:
+      x = norm(x.reshape(-1, merged_dim))
+    else:
+      x = norm(x).reshape(-1, merged_dim)
+    x = dense(merged_dim, ("embed", "mlp"), name="linear_fc1", **kw)(x)
+    x = nn.with_logical_constraint(nn.gelu(x, approximate=False), ("batch", "mlp"))
+    return dense(c.out_hidden_size, ("mlp", "embed"), name="linear_fc2", **kw)(x)
+
+
+class VisionTower(nn.Module):
+  """Qwen3-VL vision encoder: flattened patches of several images -> merged tokens + DeepStack.
+
+  Attributes:
+    remat: recompute each block's activations in the backward pass (gradient checkpointing).
+  """
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array, grid_thw: np.ndarray
+               ) -> tuple[jax.Array, jax.Array]:
+    """Encodes packed image patches.
+
+    Args:
+      pixel_values: `[N, C * T * p * p]` float, the patches of all images concatenated
+        (`image_processor.preprocess_images(..., **processor_settings("qwen3vl"))`).
+      grid_thw: `[n_images, 3]` int (t, h, w) patch grid per image; a static host array.
+
+    Returns:
+      `features [N // merge**2, out_hidden_size]`, merged tokens image by image in input order,
+      and `deepstack [K, N // merge**2, out_hidden_size]`, one merged map per entry of
+      `deepstack_visual_indexes` in block order (map k is added after decoder layer k; K may
+      be 0).
+    """
+    c = self.config
+    grid = check_grid_thw(grid_thw, c.spatial_merge_size)
+    num_tokens = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    if pixel_values.ndim != 2 or pixel_values.shape != (num_tokens, c.patch_dim):
+      raise ValueError(
+          f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid.tolist()} "
+          f"with patch_dim C*T*p*p={c.patch_dim} needs ({num_tokens}, {c.patch_dim}).")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    frames = AttentionSegments(*map(jnp.asarray,
+                                    attention_segments(grid, c.spatial_merge_size, None)))
+    cos, sin = rotary_cos_sin(jnp.asarray(vision_positions(grid, c.spatial_merge_size)),
+                              c.head_dim, c.rope_theta)
+
+    x = dense(c.hidden_size, ("patch", "embed"), name="patch_embed", **kw)(
+        pixel_values.astype(self.dtype))
+    table = nn.Embed(c.num_position_embeddings, c.hidden_size, name="pos_embed",
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(0.02), (None, "embed")), **kw)
+    indices, weights = position_interpolation(grid, c.num_grid_per_side, c.spatial_merge_size)
+    positions = (table(jnp.asarray(indices)) * jnp.asarray(weights)[:, :, None]).sum(axis=1)
+    x = nn.with_logical_constraint(x + positions.astype(x.dtype), ("batch", "embed"))
+
+    block = nn.remat(VisionBlock) if self.remat else VisionBlock
+    deepstack = []
+    for i in range(c.depth):
+      x = block(c, **kw, name=f"blocks_{i}")(x, cos, sin, frames)
+      if i in c.deepstack_visual_indexes:
+        k = c.deepstack_visual_indexes.index(i)
+        deepstack.append(PatchMerger(c, norm_after_merge=True, **kw,
+                                     name=f"deepstack_merger_list_{k}")(x))
+    features = PatchMerger(c, **kw, name="merger")(x)
+    if not deepstack:
+      return features, jnp.zeros((0, *features.shape), features.dtype)
+    # In block order, as HF collects them: map k feeds decoder layer k.
+    return features, jnp.stack(deepstack)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading from a Hugging Face checkpoint.
+
+
+def hf_vision_weight_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
+  """Every HF vision tensor name (relative to `visual.`) with its torch-layout shape."""
+  c = config
+  e, f, merged = c.hidden_size, c.intermediate_size, c.hidden_size * c.spatial_merge_size**2
+  shapes = {
+      "patch_embed.proj.weight": (e, c.in_channels, c.temporal_patch_size, c.patch_size,
+                                  c.patch_size),
+      "patch_embed.proj.bias": (e,),
+      "pos_embed.weight": (c.num_position_embeddings, e),
+  }
+  for i in range(c.depth):
+    p = f"blocks.{i}."
+    shapes.update({
+        p + "norm1.weight": (e,), p + "norm1.bias": (e,),
+        p + "norm2.weight": (e,), p + "norm2.bias": (e,),
+        p + "attn.qkv.weight": (3 * e, e), p + "attn.qkv.bias": (3 * e,),
+        p + "attn.proj.weight": (e, e), p + "attn.proj.bias": (e,),
+        p + "mlp.linear_fc1.weight": (f, e), p + "mlp.linear_fc1.bias": (f,),
+        p + "mlp.linear_fc2.weight": (e, f), p + "mlp.linear_fc2.bias": (e,),
+    })
+
+  def merger(prefix, norm_dim):
+    shapes.update({
+        prefix + "norm.weight": (norm_dim,), prefix + "norm.bias": (norm_dim,),
+        prefix + "linear_fc1.weight": (merged, merged), prefix + "linear_fc1.bias": (merged,),
+        prefix + "linear_fc2.weight": (c.out_hidden_size, merged),
+        prefix + "linear_fc2.bias": (c.out_hidden_size,),
+    })
+
+  merger("merger.", e)
+  for k in range(len(c.deepstack_visual_indexes)):
+    merger(f"deepstack_merger_list.{k}.", merged)
+  return shapes
+
+
+def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig) -> dict:
+  """The `VisionTower` param tree from HF tensors.
+
+  Args:
+    get: returns the torch-layout array of a HF vision tensor named relative to the vision
+      prefix (e.g. `blocks.0.attn.qkv.weight`).
+    config: the tower's config; every tensor's shape is checked against it.
+
+  Returns:
+    A nested dict of arrays (unboxed), the `params` collection of `VisionTower`.
+
+  Raises:
+    KeyError: a tensor is missing (names it and the shape expected).
+    ValueError: a tensor's shape differs from the config's (names it and both shapes).
+  """
+  c = config
+  shapes = hf_vision_weight_shapes(c)
+  heads, head_dim, e = c.num_heads, c.head_dim, c.hidden_size
+
+  def load(name):
+    try:
+      array = get(name)
+    except KeyError as err:
+      raise KeyError(f"Vision weight {name!r} (expected shape {shapes[name]}) is missing from "
+                     f"the checkpoint: {err}") from err
+    if tuple(array.shape) != shapes[name]:
+      raise ValueError(
+          f"Vision weight {name!r} has shape {tuple(array.shape)} in the checkpoint but the "
+          f"config needs {shapes[name]}; check that the vision config matches the checkpoint.")
+    return array
+
+  def linear(prefix):
+    return {"kernel": load(prefix + ".weight").T, "bias": load(prefix + ".bias")}
+
+  def norm(prefix):
+    return {"scale": load(prefix + ".weight"), "bias": load(prefix + ".bias")}
+
+  def merger(prefix):
+    return {"norm": norm(prefix + "norm"), "linear_fc1": linear(prefix + "linear_fc1"),
+            "linear_fc2": linear(prefix + "linear_fc2")}
+
+  params = {
+      "patch_embed": {"kernel": load("patch_embed.proj.weight").reshape(e, -1).T,
+                      "bias": load("patch_embed.proj.bias")},
+      "pos_embed": {"embedding": load("pos_embed.weight")},
+  }
+  for i in range(c.depth):
+    p = f"blocks.{i}."
+    params[f"blocks_{i}"] = {
+        "norm1": norm(p + "norm1"), "norm2": norm(p + "norm2"),
+        "attn": {
+            "qkv": {"kernel": load(p + "attn.qkv.weight").T.reshape(e, 3, heads, head_dim),
+                    "bias": load(p + "attn.qkv.bias").reshape(3, heads, head_dim)},
+            "proj": {"kernel": load(p + "attn.proj.weight").T.reshape(heads, head_dim, e),
+                     "bias": load(p + "attn.proj.bias")},
+        },
+        "mlp": {name: linear(p + "mlp." + name) for name in ("linear_fc1", "linear_fc2")},
+    }
+  params["merger"] = merger("merger.")
+  for k in range(len(c.deepstack_visual_indexes)):
+    params[f"deepstack_merger_list_{k}"] = merger(f"deepstack_merger_list.{k}.")
+  return params
