@@ -1,5 +1,6 @@
 """TwinBrainVLA: AsyMoT semantics, gradient isolation, sampler, and learning on a fixed batch."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -10,9 +11,8 @@ import optax
 import pytest
 
 from fixtures_flops import dot_general_flops
-from fixtures_twinbrain import make_obs, tiny_config
-from twinbrain_jax.models import asymot
-from twinbrain_jax.models.qwen25vl import Qwen25VL
+from fixtures_twinbrain import TINY_PRESETS, make_obs, tiny_config
+from twinbrain_jax.models import asymot, backbones
 from twinbrain_jax.models.twinbrain import (TwinBrainVLA, compute_loss, init_right_from_left,
                                             sample_actions, synthetic_observation,
                                             train_step_flops)
@@ -27,9 +27,10 @@ def _init(config, obs, grid, seed=0):
   return model, jax.tree.map(np.asarray, nn.unbox(params))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  config = tiny_config()
+@pytest.fixture(scope="module", params=TINY_PRESETS)
+def tiny(request):
+  """Both backbone families: Qwen2.5-VL and Qwen3-VL (DeepStack in both brains)."""
+  config = tiny_config(request.param)
   obs, grid = make_obs(config)
   model, params = _init(config, obs, grid)
   return config, model, params, obs, grid
@@ -43,7 +44,7 @@ def _brains(model, params, obs, grid):
 def test_left_brain_equals_standalone_backbone(tiny):
   config, model, params, obs, grid = tiny
   hidden_left, _ = _brains(model, params, obs, grid)
-  standalone = Qwen25VL(config.backbone).apply(
+  standalone = backbones.model_class(config.backbone)(config.backbone).apply(
       {"params": params["left"]}, obs["left_input_ids"], obs["left_attention_mask"],
       obs["pixel_values"], grid, position_ids=obs["left_position_ids"])["hidden_states"]
   valid = obs["left_attention_mask"].astype(bool)
@@ -103,6 +104,29 @@ def test_right_tokens_cannot_see_left_padding(tiny):
   _, right_changed = _brains(model, params, changed, grid)
   valid = obs["right_attention_mask"].astype(bool)
   np.testing.assert_array_equal(np.asarray(right)[valid], np.asarray(right_changed)[valid])
+
+
+def test_qwen3vl_deepstack_feeds_each_brains_own_stream(tiny):
+  """Each brain adds the DeepStack maps of its own vision tower: changing the right brain's
+  DeepStack merger moves only the right stream; changing the left one's moves the left stream."""
+  config, model, params, obs, grid = tiny
+  if config.backbone.family != "qwen3vl":
+    pytest.skip("DeepStack is Qwen3-VL's")
+  left, right = _brains(model, params, obs, grid)
+
+  def scaled(side):
+    tree = jax.tree.map(lambda x: x, params)
+    merger = tree[side]["visual"]["deepstack_merger_list_0"]["linear_fc2"]
+    merger["bias"] = merger["bias"] + 0.5
+    return tree
+
+  left_r, right_r = _brains(model, scaled("right"), obs, grid)
+  left_l, _ = _brains(model, scaled("left"), obs, grid)
+  valid_left = obs["left_attention_mask"].astype(bool)
+  valid_right = obs["right_attention_mask"].astype(bool)
+  np.testing.assert_array_equal(np.asarray(left_r), np.asarray(left))
+  assert np.abs(np.asarray(right_r) - np.asarray(right))[valid_right].max() > 1e-3
+  assert np.abs(np.asarray(left_l) - np.asarray(left))[valid_left].max() > 1e-3
 
 
 def test_mask_modes_on_a_hand_checked_case():
@@ -184,8 +208,9 @@ def test_right_brain_init_copies_left_with_mean_special_tokens(tiny):
   np.testing.assert_array_equal(new[untouched], table[untouched])
 
 
-def test_tiny_model_overfits_a_fixed_batch():
-  config = tiny_config()
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_tiny_model_overfits_a_fixed_batch(preset):
+  config = tiny_config(preset)
   obs, grid = make_obs(config, text_lengths=(4, 6, 5, 7), seed=5)
   model, params = _init(config, obs, grid, seed=1)
   rng = np.random.default_rng(2)
@@ -221,7 +246,7 @@ def test_tiny_model_overfits_a_fixed_batch():
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_gives_the_same_loss_and_gradients(tiny, policy):
   config, model, params, obs, grid = tiny
-  remat_model = TwinBrainVLA(tiny_config(remat_policy=policy))
+  remat_model = TwinBrainVLA(dataclasses.replace(config, remat_policy=policy))
   batch = dict(obs, actions=np.zeros((2, 16, 7), np.float32), action_mask=np.ones((2, 16), bool))
   grad = lambda m: jax.jit(jax.value_and_grad(
       lambda p: compute_loss(m, p, batch, grid, jax.random.key(0), num_repeats=2)))(params)
@@ -231,10 +256,11 @@ def test_remat_gives_the_same_loss_and_gradients(tiny, policy):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("variant", ["twinbrain", "monolithic"])
-def test_analytic_brain_flops_match_the_traced_matmuls(variant):
+def test_analytic_brain_flops_match_the_traced_matmuls(variant, preset):
   """`train_step_flops`' forward brain FLOPs equal the dot_general FLOPs of the traced brains."""
-  config = tiny_config(variant=variant)
+  config = tiny_config(preset, variant=variant)
   obs, grid = synthetic_observation(config, (24, 20), (1, 16, 16))
   model = TwinBrainVLA(config)
   noisy, t = jnp.zeros((2, 16, 7)), jnp.zeros(2)

@@ -117,12 +117,22 @@ def _own_first_to_other_first(mask: jax.Array, own_len: int) -> jax.Array:
 def asymot_forward(left_layers: Sequence[DecoderLayer], right_layers: Sequence[DecoderLayer],
                    hidden_left: jax.Array, hidden_right: jax.Array,
                    rope_left: tuple[jax.Array, jax.Array], rope_right: tuple[jax.Array, jax.Array],
-                   masks: JointMasks) -> tuple[jax.Array, jax.Array]:
-  """Runs all layers of both brains jointly; returns the streams before the final norms."""
+                   masks: JointMasks, additions_left: jax.Array | None = None,
+                   additions_right: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Runs all layers of both brains jointly; returns the streams before the final norms.
+
+  `additions_left` [K, B, Ll, E] / `additions_right` [K, B, Lr, E] (Qwen3-VL's DeepStack maps
+  of each brain's own vision tower, or None) are added to that brain's stream after layers
+  0 .. K-1, as its `TextModel` does when run alone.
+  """
   if len(left_layers) != len(right_layers):
     raise ValueError(f"AsyMoT needs brains of equal depth: left has {len(left_layers)} layers, "
                      f"right has {len(right_layers)}.")
-  for left, right in zip(left_layers, right_layers):
+  for i, (left, right) in enumerate(zip(left_layers, right_layers)):
     hidden_left, hidden_right = asymot_layer(left, right, hidden_left, hidden_right, rope_left,
                                              rope_right, masks)
+    if additions_left is not None and i < additions_left.shape[0]:
+      hidden_left = hidden_left + additions_left[i].astype(hidden_left.dtype)
+    if additions_right is not None and i < additions_right.shape[0]:
+      hidden_right = hidden_right + additions_right[i].astype(hidden_right.dtype)
   return hidden_left, hidden_right
