@@ -388,6 +388,29 @@ def hf_vision_weight_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+def checked_getter(get: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+                   ) -> Callable[[str], np.ndarray]:
+  """`get` that checks each tensor against `shapes` (HF name -> torch-layout shape).
+
+  Raises KeyError (a missing tensor: its name and expected shape) or ValueError (a wrong shape:
+  the name and both shapes).
+  """
+
+  def load(name: str) -> np.ndarray:
+    try:
+      array = get(name)
+    except KeyError as err:
+      raise KeyError(f"Vision weight {name!r} (expected shape {shapes[name]}) is missing from "
+                     f"the checkpoint: {err}") from err
+    if tuple(array.shape) != shapes[name]:
+      raise ValueError(
+          f"Vision weight {name!r} has shape {tuple(array.shape)} in the checkpoint but the "
+          f"config needs {shapes[name]}; check that the vision config matches the checkpoint.")
+    return array
+
+  return load
+
+
 def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig) -> dict:
   """The `VisionTower` param tree from HF tensors.
 
@@ -404,20 +427,8 @@ def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig
     ValueError: a tensor's shape differs from the config's (names it and both shapes).
   """
   c = config
-  shapes = hf_vision_weight_shapes(c)
   heads, head_dim, e = c.num_heads, c.head_dim, c.hidden_size
-
-  def load(name):
-    try:
-      array = get(name)
-    except KeyError as err:
-      raise KeyError(f"Vision weight {name!r} (expected shape {shapes[name]}) is missing from "
-                     f"the checkpoint: {err}") from err
-    if tuple(array.shape) != shapes[name]:
-      raise ValueError(
-          f"Vision weight {name!r} has shape {tuple(array.shape)} in the checkpoint but the "
-          f"config needs {shapes[name]}; check that the vision config matches the checkpoint.")
-    return array
+  load = checked_getter(get, hf_vision_weight_shapes(c))
 
   def linear(prefix):
     return {"kernel": load(prefix + ".weight").T, "bias": load(prefix + ".bias")}

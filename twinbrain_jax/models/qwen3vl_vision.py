@@ -12,8 +12,8 @@ concatenation; the decoder adds them to its hidden states at the image tokens
 (`qwen3vl.TextModel`). `vision_params_from_hf` at the end fills the tower from a Hugging Face
 checkpoint.
 
-Packing, patch order and attention segments are those of `qwen25vl_vision` (one segment per
-frame, planned in numpy from the static `grid_thw`). Parameter names mirror HF's
+Packing, patch order, attention segments and the attention module (qkv with bias, 2-D RoPE,
+output projection) are those of `qwen25vl_vision`, with one segment per frame (no windows). Parameter names mirror HF's
 (`patch_embed`, `pos_embed`, `blocks_{i}/{norm1, attn/{qkv, proj}, norm2, mlp/{linear_fc1,
 linear_fc2}}`, `merger`, `deepstack_merger_list_{k}`) with the same logical axes as the
 Qwen2.5-VL tower; the position table is `[None, embed]`.
@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twinbrain_jax.models.layers import EinsumDense, dense, layer_norm
-from twinbrain_jax.models.qwen25vl_vision import (AttentionSegments, apply_rotary,
+from twinbrain_jax.models.layers import dense, layer_norm
+from twinbrain_jax.models.qwen25vl_vision import (AttentionSegments, VisionAttention,
                                                   attention_segments, check_grid_thw,
-                                                  rotary_cos_sin, vision_positions)
+                                                  checked_getter, rotary_cos_sin,
+                                                  vision_positions)
 
 Dtype = Any
 
@@ -166,31 +167,6 @@ def position_interpolation(grid_thw: np.ndarray, num_grid_per_side: int,
 
 # ----------------------------------------------------------------------------------------------
 # Modules.
-
-
-class VisionAttention(nn.Module):
-  """Multi-head self-attention within each frame, with 2-D RoPE on q and k."""
-  config: VisionConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, cos, sin, segments: AttentionSegments):
-    """x `[N, E]`, cos/sin `[N, D]` -> `[N, E]`."""
-    c = self.config
-    heads, head_dim = c.num_heads, c.head_dim
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = EinsumDense("ne,ethd->nthd", (c.hidden_size, 3, heads, head_dim),
-                      ("embed", None, "heads", "kv"), **kw, name="qkv")(x)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    # Packed tokens -> padded frames [S, L, H, D]; padding keys are masked by length.
-    q, k, v = (nn.with_logical_constraint(a[segments.gather], ("batch", "length", "heads", "kv"))
-               for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=segments.lengths)
-    out = out.reshape(-1, heads, head_dim)[segments.scatter]  # [N, H, D]
-    return EinsumDense("nhd,hde->ne", (heads, head_dim, c.hidden_size), ("heads", "kv", "embed"),
-                       contracted=2, **kw, name="proj")(out)
 
 
 class VisionMLP(nn.Module):
@@ -373,20 +349,8 @@ def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig
     ValueError: a tensor's shape differs from the config's (names it and both shapes).
   """
   c = config
-  shapes = hf_vision_weight_shapes(c)
   heads, head_dim, e = c.num_heads, c.head_dim, c.hidden_size
-
-  def load(name):
-    try:
-      array = get(name)
-    except KeyError as err:
-      raise KeyError(f"Vision weight {name!r} (expected shape {shapes[name]}) is missing from "
-                     f"the checkpoint: {err}") from err
-    if tuple(array.shape) != shapes[name]:
-      raise ValueError(
-          f"Vision weight {name!r} has shape {tuple(array.shape)} in the checkpoint but the "
-          f"config needs {shapes[name]}; check that the vision config matches the checkpoint.")
-    return array
+  load = checked_getter(get, hf_vision_weight_shapes(c))
 
   def linear(prefix):
     return {"kernel": load(prefix + ".weight").T, "bias": load(prefix + ".bias")}
