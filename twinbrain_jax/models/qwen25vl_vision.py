@@ -411,6 +411,19 @@ def checked_getter(get: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[
   return load
 
 
+def attention_params_from_hf(load: Callable[[str], np.ndarray], prefix: str, config: Any
+                             ) -> dict:
+  """`VisionAttention` params from HF's fused `qkv` / `proj` Linear tensors under `prefix`
+  (e.g. `blocks.0.attn.`); `config` gives `hidden_size`, `num_heads`, `head_dim`."""
+  e, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
+  return {
+      "qkv": {"kernel": load(prefix + "qkv.weight").T.reshape(e, 3, heads, head_dim),
+              "bias": load(prefix + "qkv.bias").reshape(3, heads, head_dim)},
+      "proj": {"kernel": load(prefix + "proj.weight").T.reshape(heads, head_dim, e),
+               "bias": load(prefix + "proj.bias")},
+  }
+
+
 def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig) -> dict:
   """The `VisionTower` param tree from HF tensors.
 
@@ -427,24 +440,19 @@ def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig
     ValueError: a tensor's shape differs from the config's (names it and both shapes).
   """
   c = config
-  heads, head_dim, e = c.num_heads, c.head_dim, c.hidden_size
   load = checked_getter(get, hf_vision_weight_shapes(c))
 
   def linear(prefix):
     return {"kernel": load(prefix + ".weight").T, "bias": load(prefix + ".bias")}
 
-  params = {"patch_embed": {"kernel": load("patch_embed.proj.weight").reshape(e, -1).T}}
+  params = {"patch_embed": {"kernel": load("patch_embed.proj.weight").reshape(
+      c.hidden_size, -1).T}}
   for i in range(c.depth):
     p = f"blocks.{i}."
     params[f"blocks_{i}"] = {
         "norm1": {"scale": load(p + "norm1.weight")},
         "norm2": {"scale": load(p + "norm2.weight")},
-        "attn": {
-            "qkv": {"kernel": load(p + "attn.qkv.weight").T.reshape(e, 3, heads, head_dim),
-                    "bias": load(p + "attn.qkv.bias").reshape(3, heads, head_dim)},
-            "proj": {"kernel": load(p + "attn.proj.weight").T.reshape(heads, head_dim, e),
-                     "bias": load(p + "attn.proj.bias")},
-        },
+        "attn": attention_params_from_hf(load, p + "attn.", c),
         "mlp": {name: linear(p + "mlp." + name) for name in ("gate_proj", "up_proj", "down_proj")},
     }
   params["merger"] = {"ln_q": {"scale": load("merger.ln_q.weight")},

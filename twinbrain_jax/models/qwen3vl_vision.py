@@ -33,8 +33,8 @@ import numpy as np
 
 from twinbrain_jax.models.layers import dense, layer_norm
 from twinbrain_jax.models.qwen25vl_vision import (AttentionSegments, VisionAttention,
-                                                  attention_segments, check_grid_thw,
-                                                  checked_getter, rotary_cos_sin,
+                                                  attention_params_from_hf, attention_segments,
+                                                  check_grid_thw, checked_getter, rotary_cos_sin,
                                                   vision_positions)
 
 Dtype = Any
@@ -334,22 +334,10 @@ def hf_vision_weight_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
 
 
 def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig) -> dict:
-  """The `VisionTower` param tree from HF tensors.
-
-  Args:
-    get: returns the torch-layout array of a HF vision tensor named relative to the vision
-      prefix (e.g. `blocks.0.attn.qkv.weight`).
-    config: the tower's config; every tensor's shape is checked against it.
-
-  Returns:
-    A nested dict of arrays (unboxed), the `params` collection of `VisionTower`.
-
-  Raises:
-    KeyError: a tensor is missing (names it and the shape expected).
-    ValueError: a tensor's shape differs from the config's (names it and both shapes).
-  """
+  """The Qwen3-VL `VisionTower` param tree (unboxed) from HF tensors; arguments and errors as
+  `qwen25vl_vision.vision_params_from_hf`."""
   c = config
-  heads, head_dim, e = c.num_heads, c.head_dim, c.hidden_size
+  e = c.hidden_size
   load = checked_getter(get, hf_vision_weight_shapes(c))
 
   def linear(prefix):
@@ -371,12 +359,7 @@ def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig
     p = f"blocks.{i}."
     params[f"blocks_{i}"] = {
         "norm1": norm(p + "norm1"), "norm2": norm(p + "norm2"),
-        "attn": {
-            "qkv": {"kernel": load(p + "attn.qkv.weight").T.reshape(e, 3, heads, head_dim),
-                    "bias": load(p + "attn.qkv.bias").reshape(3, heads, head_dim)},
-            "proj": {"kernel": load(p + "attn.proj.weight").T.reshape(heads, head_dim, e),
-                     "bias": load(p + "attn.proj.bias")},
-        },
+        "attn": attention_params_from_hf(load, p + "attn.", c),
         "mlp": {name: linear(p + "mlp." + name) for name in ("linear_fc1", "linear_fc2")},
     }
   params["merger"] = merger("merger.")
