@@ -5,6 +5,8 @@
 
 SIGTERM (preemption) or SIGINT saves a checkpoint at the next step boundary and exits with
 status 0; during start-up (imports included) it exits with status 0 before writing anything.
+In a multi-process job (README, "One machine, several GPUs, a TPU pod") a signal to any one
+process stops all of them at the same step boundary; only process 0 prints the summary line.
 """
 
 import os
@@ -17,6 +19,7 @@ import sys
 for _signum in (signal.SIGTERM, signal.SIGINT):
   signal.signal(_signum, lambda *_: os._exit(0))
 
+import jax  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -35,6 +38,8 @@ def main(argv):
     result = loop.train(config, _WORKDIR.value)
   except checkpoint.DamagedCheckpointError as e:
     sys.exit(f"error: {e}")
+  if jax.process_index() != 0:  # The result is the same in every process.
+    return
   last = max(result.losses) if result.losses else None
   print(f"stopped at step {result.final_step} (started at {result.start_step}, "
         f"preempted={result.preempted}); "

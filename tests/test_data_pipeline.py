@@ -153,29 +153,46 @@ def test_mixture_proportions(oxe_data_dir):
   assert len(ids) > pipe.entries[0].stats.num_steps
 
 
+def _rows(batches):
+  """(dataset id, episode, step) of every sample of `batches`, in order."""
+  return [key for batch in batches
+          for key in zip(*(batch[k].tolist() for k in ("dataset_id", "episode_index",
+                                                        "step_index")))]
+
+
 def test_host_shards_disjoint_and_complete(oxe_data_dir):
-  """Three simulated processes: their slices of one epoch are disjoint and cover every step."""
+  """Simulated processes each build their own rows of every global batch: disjoint, together
+  complete, and concatenated in process order exactly the batches of one process."""
+  shard = lambda index, count: grain.sharding.ShardOptions(index, count)
+  # One evaluation epoch over 3 processes: every step exactly once (the last, partial global
+  # batch is kept, so a process may have one batch more).
   config = small_config(oxe_data_dir, num_epochs=1, batch_size=3)
   per_host = []
   for index in range(3):
-    pipe = pipeline.DataPipeline(config, train=False,
-                                 shard_options=grain.sharding.ShardOptions(index, 3))
+    pipe = pipeline.DataPipeline(config, train=False, shard_options=shard(index, 3))
     assert pipe.per_host_batch_size == 1
-    per_host.append([(int(s["dataset_id"]), int(s["episode_index"]), int(s["step_index"]))
-                     for s in _samples(pipe)])
+    per_host.append(_rows(pipe.batches))
   total = sum(e.stats.num_steps for e in pipe.entries)
-  union = set().union(*map(set, per_host))
-  assert sum(map(len, per_host)) == len(union) == total
+  assert sum(map(len, per_host)) == len(set().union(*map(set, per_host))) == total
   assert max(map(len, per_host)) - min(map(len, per_host)) <= 1
-  # Endless training streams are disjoint too (first 60 sample positions per host).
-  train = [pipeline.DataPipeline(small_config(oxe_data_dir), shard_options=grain.sharding.ShardOptions(i, 2))
-           for i in range(2)]
-  both = pipeline.DataPipeline(small_config(oxe_data_dir),
-                               shard_options=grain.sharding.ShardOptions(0, 1))
-  for i in range(30):
-    for host in range(2):
-      a, b = train[host].samples[i], both.samples[2 * i + host]
-      assert (a["episode_index"], a["step_index"]) == (b["episode_index"], b["step_index"])
+  # One training epoch over 2 processes: the same number of full batches each, disjoint, and
+  # together every sample of the full global batches.
+  config = small_config(oxe_data_dir, num_epochs=1, batch_size=4)
+  hosts = [pipeline.DataPipeline(config, shard_options=shard(i, 2)) for i in range(2)]
+  assert len(hosts[0].batches) == len(hosts[1].batches) == total // 4
+  rows = [_rows(h.batches) for h in hosts]
+  assert not set(rows[0]) & set(rows[1])
+  assert set(rows[0]) | set(rows[1]) == set(_rows(
+      hosts[0].samples[:total // 4 * 4].batch(4, batch_fn=pipeline.collate)))
+  # The endless training stream: process 0's and 1's halves of global batch b, concatenated,
+  # are batch b of one process, augmentation included.
+  config = small_config(oxe_data_dir, batch_size=4, **{"augment.enabled": True})
+  one = pipeline.DataPipeline(config, shard_options=shard(0, 1))
+  two = [pipeline.DataPipeline(config, shard_options=shard(i, 2)) for i in range(2)]
+  for b in range(6):
+    halves = [host.batches[b] for host in two]
+    _batches_equal({k: np.concatenate([h[k] for h in halves]) for k in halves[0]},
+                   one.batches[b])
 
 
 def _batches_equal(a, b):

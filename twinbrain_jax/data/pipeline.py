@@ -5,12 +5,17 @@ Layout (all `grain.MapDataset`, i.e. random access, until the final iterator):
   per dataset d:  range(num_steps_d) -> global shuffle (reshuffled every epoch) -> repeat
   mixture:        MapDataset.mix(datasets, weights)           (endless; or concatenation)
   sample:         random_map(SampleBuilder)                   seeded per global index
-  host shard:     [process_index::process_count]              disjoint slices
-  batch:          per-host batch of `batch_size / process_count`
+  host batches:   blocks of `batch_size / process_count` consecutive samples, every
+                  `process_count`-th block from block `process_index` on
 
+Global batch b is samples [b * batch_size, (b + 1) * batch_size); process p builds only rows
+[p * m, (p + 1) * m) of it (m = batch_size / process_count), so the processes' shards are
+disjoint, together complete, and their concatenation in process order (what
+`jax.make_array_from_process_local_data` assembles) is exactly the batch one process would build.
 Because everything before the iterator is a deterministic function of the global index, the
-iterator state is just the number of batches consumed (plus a fingerprint of the configuration):
-a restored run sees exactly the batches it would have seen, with any number of worker processes.
+iterator state is just the number of batches consumed (plus a fingerprint of the configuration),
+and it is the same in every process: a restored run sees exactly the batches it would have seen,
+with any number of worker processes and any number of JAX processes.
 
 Worker processes (`num_workers > 0`) need absl flags parsed in the main process
 (`absl.flags.FLAGS.mark_as_parsed()` or `app.run`) and an `if __name__ == "__main__"` guard.
@@ -192,6 +197,8 @@ class DataPipeline:
   Attributes:
     entries: per dataset id: source, statistics, step index.
     norm_stats: dataset name -> `DatasetStatistics` (store them in checkpoints).
+    samples: the global sample stream (every process holds it; nothing is built until read).
+    batches: this process's part of each global batch (see the module docstring).
     per_host_batch_size: batch_size / process count.
   """
 
@@ -231,11 +238,10 @@ class DataPipeline:
         raise ValueError(f"data.state_dim/action_dim ({self.state_dim}/{self.action_dim}) are "
                          f"smaller than {e.spec.name}'s {e.spec.state_dim}/{e.spec.action_dim}.")
     self.samples = self._samples()
-    self.batches = self.samples.batch(self.per_host_batch_size, drop_remainder=train,
-                                      batch_fn=collate)
+    self.batches = self._host_batches(self.samples)
 
   def _samples(self) -> grain.MapDataset:
-    """The host's stream of samples (before batching)."""
+    """The global stream of samples (before batching), the same in every process."""
     config = self.config
     per_dataset = []
     for e in self.entries:
@@ -254,20 +260,34 @@ class DataPipeline:
       if config.shuffle:
         mixed = mixed.shuffle(seed=config.seed)
     builder = SampleBuilder(self.entries, config, self.train, self.state_dim, self.action_dim)
-    samples = mixed.random_map(builder, seed=config.seed)
-    # Sharding after the random map keeps each sample's augmentation tied to its global index.
-    if config.num_epochs is not None:
-      usable = len(samples) - len(samples) % self.shard_count
-      samples = samples[:usable] if self.train else samples
-    return samples[self.shard_index::self.shard_count]
+    return mixed.random_map(builder, seed=config.seed)
 
-  def fingerprint(self) -> str:
-    """Hash of everything that decides which batches come out (not the worker count)."""
+  def _host_batches(self, samples: grain.MapDataset) -> grain.MapDataset:
+    """This process's rows of every global batch (batching is lazy: only they are built).
+
+    Sharding after the random map keeps each sample's augmentation tied to its global index.
+    Training on a finite number of epochs drops the last partial global batch, so that every
+    process has the same number of batches; evaluation keeps it (a process may get one batch
+    more than another).
+    """
+    if self.config.num_epochs is not None and self.train:
+      samples = samples[:len(samples) - len(samples) % int(self.config.batch_size)]
+    blocks = samples.batch(self.per_host_batch_size, drop_remainder=self.train, batch_fn=collate)
+    return blocks[self.shard_index::self.shard_count]
+
+  def fingerprint(self, *, one_process_legacy: bool = False) -> str:
+    """Hash of everything that decides which global batches come out (not the worker or
+    process count: a position saved by N processes is valid for M).
+
+    `one_process_legacy`: the hash that positions saved by one process before the process count
+    was left out carry (their batches are the same).
+    """
     keep = {k: v for k, v in self.config.to_dict().items()
             if k not in ("num_workers", "read_threads", "prefetch_batches", "data_dir",
                          "stats_dir")}
-    keep.update(shard=(self.shard_index, self.shard_count), train=self.train,
-                num_steps=[e.stats.num_steps for e in self.entries])
+    keep.update(train=self.train, num_steps=[e.stats.num_steps for e in self.entries])
+    if one_process_legacy:
+      keep.update(shard=(0, 1))
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
   def iterator(self) -> "DataIterator":
@@ -285,13 +305,15 @@ class DataIterator(grain.DatasetIterator):
 
   `get_state()` is `{"next_batch": k, "fingerprint": ...}`; it works with orbax through
   `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`. Restoring into a pipeline with
-  another configuration (other than the worker/thread counts) raises `PipelineStateError`.
+  another configuration (other than the worker/thread/process counts) raises
+  `PipelineStateError`.
   """
 
   def __init__(self, pipeline: DataPipeline):
     super().__init__()
     self._pipeline = pipeline
     self._fingerprint = pipeline.fingerprint()
+    self._accepted = {self._fingerprint, pipeline.fingerprint(one_process_legacy=True)}
     self._next_batch = 0
     self._inner = None
 
@@ -317,12 +339,12 @@ class DataIterator(grain.DatasetIterator):
     return {"next_batch": self._next_batch, "fingerprint": self._fingerprint}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if state.get("fingerprint") != self._fingerprint:
+    if state.get("fingerprint") not in self._accepted:
       raise PipelineStateError(
           f"Data iterator state {state} was saved by a pipeline with another configuration "
           f"(fingerprint {state.get('fingerprint')} != {self._fingerprint}): datasets, weights, "
-          "seed, batch size, process count, sample options and dataset sizes must match; only "
-          "num_workers/read_threads/prefetch_batches may change.")
+          "seed, (global) batch size, sample options and dataset sizes must match; only "
+          "num_workers/read_threads/prefetch_batches and the number of processes may change.")
     self.close()
     self._next_batch = int(state["next_batch"])
 

@@ -104,7 +104,7 @@ def dataset_commands(settings: DemoSettings, paths: DemoPaths) -> list[list[str]
     commands.append(_script(
         "make_metaworld_dataset.py", f"--data_dir={paths.data}", f"--tasks={settings.tasks}",
         f"--episodes_per_task={settings.episodes_per_task}", f"--config={settings.config}",
-        f"--tokenizer_dir={paths.tokenizer}"))
+        f"--tokenizer_dir={paths.tokenizer}", "--verbosity=-1"))
   if not commands and not os.path.exists(paths.tokenizer):
     commands.append(_script("make_metaworld_dataset.py", f"--data_dir={paths.data}",
                             f"--config={settings.config}", f"--tokenizer_dir={paths.tokenizer}",

@@ -350,27 +350,44 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
 
 def _restore_data(manager: ocp.CheckpointManager, step: int,
                   data_iterator: grain.DatasetIterator) -> None:
-  """Sets `data_iterator` to the position saved at `step` by this process."""
+  """Sets `data_iterator` to the position saved at `step`.
+
+  A job with the saving job's number of processes restores each process's own file through
+  orbax. The pipeline's position is global (the same in every process, see
+  `twinbrain_jax/data/pipeline.py`), so a job with another number of processes takes the one
+  position all saved files agree on.
+  """
   directory = str(manager.directory)
-  names = _names(epath.Path(directory) / str(step) / "data")
+  data_dir = epath.Path(directory) / str(step) / "data"
+  names = _names(data_dir)
   if not names:
     raise _damaged(directory, step, "data/ is missing (no data iterator position)")
   mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-  if mine not in names:
-    raise PipelineStateError(
-        f"Checkpoint step {step} in {directory} holds the data positions of "
-        f"{sorted(n for n in names if _DATA_FILE.fullmatch(n))}, not of {mine}: it was written by "
-        "a job with another number of processes. Resume with that number of processes, or use "
-        "another --workdir / checkpoint.dir.")
   try:
-    manager.restore(step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    if mine in names:
+      manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    else:
+      data_iterator.set_state(_one_position(data_dir, names, directory, step))
   except PipelineStateError:
     raise
   except Exception as err:
     if _unreadable(err):
       raise _damaged(directory, step, f"data/ could not be read ({_short(err)})") from err
     raise
+
+
+def _one_position(data_dir: epath.Path, names: set[str], directory: str, step: int) -> dict:
+  """The iterator state every process of the saving job wrote (they must agree)."""
+  files = sorted(n for n in names if _DATA_FILE.fullmatch(n))
+  states = [json.loads((data_dir / n).read_text()) for n in files]
+  if not states or any(state != states[0] for state in states):
+    raise PipelineStateError(
+        f"Checkpoint step {step} in {directory} holds the data positions {files}, which do not "
+        f"agree on one position, and none is of this job's process "
+        f"(process_{jax.process_index()}-of-{jax.process_count()}.json): resume with the number "
+        "of processes that wrote it, or use another --workdir / checkpoint.dir.")
+  return states[0]
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, *,
@@ -391,7 +408,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *,
     DamagedCheckpointError: `step` (or every step) is damaged; the message names what is
       missing and the latest whole step.
     IncompatibleCheckpointError: the checkpoint's model config differs from `config`'s.
-    PipelineStateError: the data iterator position is of another pipeline or process count.
+    PipelineStateError: the data iterator position is of another pipeline.
   """
   directory = str(manager.directory)
   if step is not None:

@@ -83,7 +83,14 @@ def model_inputs(config: ml_collections.ConfigDict) -> ModelInputs:
 
 class _Preemption:
   """Turns SIGTERM and SIGINT into a flag read between start-up phases and at step boundaries
-  (main thread only). A second SIGINT interrupts at once, as Ctrl-C twice is meant to."""
+  (main thread only). A second SIGINT interrupts at once, as Ctrl-C twice is meant to.
+
+  In a multi-process job the signal may reach one process only (a preempted host, a `kill`);
+  `agreed()` tells every process whether any of them was signalled, so that all stop at the same
+  step boundary and write one consistent checkpoint. It all-gathers one int32 per process: a tiny
+  collective, but it waits for the step in flight, so the host prepares the next batch only once
+  the device is done with the current one (one process needs nothing of that).
+  """
 
   def __init__(self):
     self.requested = False
@@ -104,6 +111,12 @@ class _Preemption:
     logging.warning("%s: stopping at the next step boundary (with a checkpoint) or start-up "
                     "phase (writing nothing).", signal.Signals(signum).name)
     self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process was signalled. Every process must call it at the same points."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
@@ -173,7 +186,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   tx = optimizer_lib.make_optimizer(train_cfg)
   schedules = optimizer_lib.group_schedules(train_cfg)
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
-  if preemption.requested:
+  if preemption.agreed():
     return _preempted_in_startup(checkpoint_dir)
 
   pipeline = DataPipeline(config.data)
@@ -181,7 +194,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   eval_pipeline = _eval_pipeline(config, pipeline)
   norm_stats = {name: stats.to_json() for name, stats in pipeline.norm_stats.items()}
   config_json = checkpoint_lib.config_to_json(config)
-  if preemption.requested:
+  if preemption.agreed():
     return _preempted_in_startup(checkpoint_dir, data_iter)
 
   manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
@@ -189,7 +202,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   if checkpoint_lib.list_steps(checkpoint_dir):
     start, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=data_iter,
                                              config=config_json)
-    if preemption.requested:
+    if preemption.agreed():
       return _preempted_in_startup(checkpoint_dir, data_iter, manager)
     # Steps after the restored one are damaged; this run saves those step numbers again.
     for moved in checkpoint_lib.set_aside(checkpoint_dir, start):
@@ -204,7 +217,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     if config.init.hf_checkpoint:
       state = state_lib.load_pretrained_backbones(state, shardings, inputs.config,
                                                   config.init.hf_checkpoint, mesh, rules)
-    if preemption.requested:
+    if preemption.agreed():
       return _preempted_in_startup(checkpoint_dir, data_iter, manager)
 
   batch_size = int(config.data.batch_size)
@@ -219,9 +232,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   def next_batch(iterator):
     return inputs(next(iterator))
 
+  # Metrics are global (every process holds the same values): process 0 alone reports them.
+  chief = jax.process_index() == 0
   writer = _writer(os.path.join(workdir, train_cfg.tensorboard_dir))
   bar = None
-  if train_cfg.progress_bar and jax.process_index() == 0:
+  if train_cfg.progress_bar and chief:
     import tqdm
     bar = tqdm.tqdm(total=train_cfg.num_steps, initial=start, desc="train", dynamic_ncols=True)
   losses, eval_losses, throughput = {}, {}, {}
@@ -237,7 +252,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     while step < train_cfg.num_steps:
-      if preemption.requested or (jax.process_count() > 1 and manager.reached_preemption(step)):
+      if preemption.agreed() or (jax.process_count() > 1 and manager.reached_preemption(step)):
         preempted = True
         break
       if stop_after is not None and step - start >= stop_after:
@@ -270,7 +285,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
           bar.set_postfix(loss=f"{scalars['loss']:.4f}", gnorm=f"{scalars['grad_norm']:.3f}",
                           sps=f"{throughput['samples_per_s']:.1f}",
                           mfu=f"{throughput['mfu']:.2%}")
-        logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        if chief:
+          logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
         interval_start, interval_steps = time.perf_counter(), 0
       if bar is not None:
         bar.update(1)
@@ -287,7 +303,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
         eval_losses[step] = float(np.mean(jax.device_get(values)))
         if writer is not None:
           writer.add_scalar("eval/loss", eval_losses[step], step)
-        logging.info("step %d: eval loss %.4f", step, eval_losses[step])
+        if chief:
+          logging.info("step %d: eval loss %.4f", step, eval_losses[step])
         interval_start = time.perf_counter()  # Validation time is not step time.
 
       if step % config.checkpoint.every == 0:
