@@ -46,6 +46,8 @@ _HORIZON = flags.DEFINE_integer("horizon", None, "Steps a chunk is used for; def
 _INSTRUCTIONS = flags.DEFINE_enum("instructions", "auto", ["auto", "task", "blank"],
                                   "blank sends \"\" (instruction-blind ablation); auto: blank iff "
                                   "the in-process policy's run set data.drop_instruction.")
+_LIBRA_MODE = flags.DEFINE_enum("libra_mode", None, ["interleaved", "async"],
+                                "A Libra policy's runtime; default its config's runtime.mode.")
 _LABEL = flags.DEFINE_string("label", None, "Name in the results; default the policy's.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the JSON, plot and videos go.",
                                   required=True)
@@ -84,7 +86,9 @@ def _agent():
     return agent, size, client._ws.close  # pylint: disable=protected-access
   from twinbrain_jax.serving.policy import Policy  # pylint: disable=g-import-not-at-top
   try:
-    policy = Policy.load(_POLICY.value, step=_STEP.value, tokenizer_dir=_TOKENIZER.value)
+    libra = {} if _LIBRA_MODE.value is None else dict(mode=_LIBRA_MODE.value)
+    policy = Policy.load(_POLICY.value, step=_STEP.value, tokenizer_dir=_TOKENIZER.value,
+                         **libra)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   data = policy.bundle.config.data

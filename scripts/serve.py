@@ -3,6 +3,9 @@
   python scripts/serve.py --bundle=/ckpt/run1/bundle --port=8000
   python scripts/serve.py --checkpoint=/ckpt/run1/checkpoints --port=8000
 
+A Libra-VLA bundle is served with its runtime, `--libra_mode=interleaved` (the paper's) or
+`--libra_mode=async` (planner in a background thread), one chunk of H actions per request.
+
 `--port=0` takes a free port; the line `serving on ws://HOST:PORT` says which. The policy is
 compiled before the server listens, so `GET /healthz` answering `OK` means ready. SIGTERM or
 Ctrl-C stops it cleanly.
@@ -30,6 +33,8 @@ _DATASET = flags.DEFINE_string("dataset", None, "Dataset (embodiment) of observa
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed of observations that carry none.")
 _DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
                            "Compute dtype; default the config's.")
+_LIBRA_MODE = flags.DEFINE_enum("libra_mode", None, ["interleaved", "async"],
+                                "Libra bundles: the runtime (default the config's runtime.mode).")
 _MAX_MESSAGE_MB = flags.DEFINE_float("max_message_mb", 64, "Larger requests get an error reply.")
 
 
@@ -39,10 +44,11 @@ def main(argv):
   logging.getLogger("websockets").setLevel(logging.WARNING)
   if (_BUNDLE.value is None) == (_CHECKPOINT.value is None):
     sys.exit("error: pass exactly one of --bundle and --checkpoint.")
+  libra = {} if _LIBRA_MODE.value is None else dict(mode=_LIBRA_MODE.value)
   try:
     policy = Policy.load(_BUNDLE.value or _CHECKPOINT.value, step=_STEP.value,
                          tokenizer_dir=_TOKENIZER.value, compute_dtype=_DTYPE.value,
-                         seed=_SEED.value, default_dataset=_DATASET.value)
+                         seed=_SEED.value, default_dataset=_DATASET.value, **libra)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   compile_s = policy.warmup()[1]

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from twinbrain_jax import sharding
-from twinbrain_jax.models.twinbrain import TwinBrainVLA, synthetic_observation
+from twinbrain_jax.models import families
+from twinbrain_jax.models.twinbrain import synthetic_observation
 from twinbrain_jax.training import optimizer, state as state_lib, step as step_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
@@ -49,14 +50,15 @@ class Trainer:
   def __init__(self, config, grid, devices=None, grad_accum_steps=1, tx=None):
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.logical_axis_rules(config.logical_axis_rules, self.mesh)
-    self.model = TwinBrainVLA(state_lib.model_config(config))
-    self.tx = optimizer.make_optimizer(config.train) if tx is None else tx
+    self.model = families.build_model(state_lib.model_config(config))
+    groups = families.TRAINABLE_GROUPS[families.family(config)]
+    self.tx = optimizer.make_optimizer(config.train, groups) if tx is None else tx
     _, self.shardings = state_lib.abstract_state(self.model, self.tx, self.mesh, self.rules,
                                                  config.seed)
     self.grid = grid
     self.step_fn = step_lib.make_train_step(self.model, self.tx, grid, config.flow.num_repeats,
                                             grad_accum_steps,
-                                            optimizer.group_schedules(config.train))
+                                            optimizer.group_schedules(config.train, groups))
 
   def init(self, seed=0):
     return state_lib.create_train_state(self.model, self.tx, self.mesh, self.rules, seed,

@@ -9,6 +9,9 @@ the policy compile once.
     right prompt  the same turn with text "Instruction: {instruction}\\nAction Query: ", then
                   <|propri|> and N x <|action|> (inserted by id, so the tokenizer needs no
                   new entries; their embedding rows are reserved in the right brain)
+
+Libra-VLA's planner reads the left prompt only (`LibraConfig.prompt_sides`), and its refiner the
+current frame for SigLIP (`LibraInputs`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from twinbrain_jax.data import transforms
 from twinbrain_jax.models.image_processor import preprocess_images, processor_settings
+from twinbrain_jax.models.libra import LibraConfig
 from twinbrain_jax.models.qwen25vl import get_rope_index
 from twinbrain_jax.models.tokenizer import QwenTokenizer, left_pad, num_image_tokens
 from twinbrain_jax.models.twinbrain import TwinBrainConfig
@@ -85,13 +90,14 @@ class ModelInputs:
     c, tok = self.config, self.tokenizer
     grid = self.image_grid_thw(len(texts))
     image_tokens = [[n] for n in num_image_tokens(grid, c.backbone.vision.spatial_merge_size)]
-    queries = [c.propri_token_id] + [c.action_token_id] * c.num_action_queries
-    rows = dict(
-        left=[tok.encode_chat(t, n) for t, n in zip(texts, image_tokens)],
-        right=[tok.encode_chat(RIGHT_PROMPT.format(instruction=t), n) + queries
-               for t, n in zip(texts, image_tokens)])
+    rows = dict(left=[tok.encode_chat(t, n) for t, n in zip(texts, image_tokens)])
+    if "right" in c.prompt_sides:
+      queries = [c.propri_token_id] + [c.action_token_id] * c.num_action_queries
+      rows["right"] = [tok.encode_chat(RIGHT_PROMPT.format(instruction=t), n) + queries
+                       for t, n in zip(texts, image_tokens)]
     out = {}
-    for side, length in (("left", self.max_left_tokens), ("right", self.max_right_tokens)):
+    for side in c.prompt_sides:
+      length = getattr(self, f"max_{side}_tokens")
       longest = max(len(r) for r in rows[side])
       if longest > length:
         raise ValueError(f"A {side} prompt has {longest} tokens, more than "
@@ -119,3 +125,29 @@ class ModelInputs:
       if key in batch:
         out[key] = np.asarray(batch[key])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraInputs(ModelInputs):
+  """`ModelInputs` for Libra-VLA: the planner's (left) prompt and patches, plus the refiner's
+  SigLIP `frame [B, S, S, 3]` float32 in [-1, 1] (SigLIP's normalisation, mean = std = 0.5)."""
+  config: LibraConfig
+
+  def frames(self, images: np.ndarray) -> np.ndarray:
+    """[B, H, W, 3] uint8 -> [B, S, S, 3] float32, S = `siglip.image_size`."""
+    side = self.config.siglip.image_size
+    resized = np.stack([transforms.resize(np.asarray(i), (side, side)) for i in images])
+    return resized.astype(np.float32) / 127.5 - 1.0
+
+  def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = super().__call__(batch)
+    out["frame"] = self.frames(np.asarray(batch["image"]))
+    return out
+
+
+def model_inputs_for(model_config: Any, tokenizer: QwenTokenizer, max_left_tokens: int,
+                     max_right_tokens: int, image_size: tuple[int, int]) -> ModelInputs:
+  """The inputs of a model config's family: `LibraInputs` for Libra, else `ModelInputs`."""
+  cls = LibraInputs if isinstance(model_config, LibraConfig) else ModelInputs
+  return cls(model_config, tokenizer, int(max_left_tokens), int(max_right_tokens),
+             tuple(image_size))

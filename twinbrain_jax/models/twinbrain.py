@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -76,6 +76,8 @@ class TwinBrainConfig:
   param_dtype: str = "float32"
   left_param_dtype: str = "bfloat16"
   remat_policy: str = "none"
+  # The prompts `inputs.ModelInputs` builds for this model.
+  prompt_sides: ClassVar[tuple[str, ...]] = ("left", "right")
 
   def __post_init__(self):
     for name, allowed in (("variant", VARIANTS), ("mask_mode", asymot.MASK_MODES),

@@ -44,8 +44,8 @@ import numpy as np
 
 from twinbrain_jax.data import config as data_config
 from twinbrain_jax.data import normalization, pipeline, transforms
-from twinbrain_jax.inputs import ModelInputs
-from twinbrain_jax.models import twinbrain
+from twinbrain_jax.inputs import model_inputs_for
+from twinbrain_jax.models import libra, twinbrain
 from twinbrain_jax.serving.execution import ExecutionConfig
 from twinbrain_jax.training import export, loop
 
@@ -140,9 +140,9 @@ class Policy:
     if max_batch_size < 1 or batch_bucket(max_batch_size) != max_batch_size:
       raise ValueError(f"max_batch_size={max_batch_size} must be a power of two.")
     self.bundle, self.seed, self.max_batch_size = bundle, seed, max_batch_size
-    self.inputs = ModelInputs(bundle.model.config, bundle.tokenizer,
-                              int(config.inputs.max_left_tokens),
-                              int(config.inputs.max_right_tokens), loop.image_size(data))
+    self.inputs = model_inputs_for(bundle.model.config, bundle.tokenizer,
+                                   config.inputs.max_left_tokens, config.inputs.max_right_tokens,
+                                   loop.image_size(data))
     self._resize_to = tuple(int(s) for s in data.image_size)
     self._pad_multiple = int(data.pad_to_multiple)
     self._state_stats = {}
@@ -173,7 +173,8 @@ class Policy:
            tokenizer_dir: str | os.PathLike | None = None, compute_dtype: str | None = None,
            **kwargs) -> Policy:
     """From an exported bundle (`scripts/export.py`) or a training checkpoint directory (the
-    latest or `step`'s checkpoint); `kwargs` go to the constructor."""
+    latest or `step`'s checkpoint); `kwargs` go to the constructor. A Libra bundle gives a
+    `serving.libra.LibraPolicy` (`kwargs` may then name its `mode` and `blend_steps`)."""
     path = pathlib.Path(path)
     if not path.is_dir():
       raise FileNotFoundError(f"{path} is not a directory; pass an exported bundle or a "
@@ -186,17 +187,23 @@ class Policy:
       except FileNotFoundError as e:
         raise FileNotFoundError(f"{path} is neither an inference bundle (it has no "
                                 f"{export.CONFIG_FILE}) nor a training checkpoint dir: {e}") from e
+    if isinstance(bundle.model, libra.LibraVLA):
+      from twinbrain_jax.serving.libra import LibraPolicy  # It builds on this module.
+      return LibraPolicy(bundle, **kwargs)
     return cls(bundle, **kwargs)
 
   @property
   def action_horizon(self) -> int:
     return self.bundle.model.config.action_expert.action_horizon
 
+  @property
+  def variant(self) -> str:
+    return self.bundle.model.config.variant
+
   def metadata(self) -> dict[str, Any]:
     """What a client needs to know, as msgpack/JSON-able data."""
-    model = self.bundle.model.config
     return dict(
-        policy="twinbrain_jax", variant=model.variant, action_horizon=self.action_horizon,
+        policy="twinbrain_jax", variant=self.variant, action_horizon=self.action_horizon,
         datasets={name: dict(state_dim=spec.state_dim, action_dim=spec.action_dim)
                   for name, spec in self.datasets.items()},
         default_dataset=self.default_dataset, image_size=list(self._resize_to),

@@ -88,7 +88,9 @@ class ChunkAgent:
 
   Each request sends `image [H, W, 3] uint8`, `state [4]`, the task's instruction (or "" when
   `drop_instruction`: the instruction-blind ablation) and a noise `seed` fixed by the episode
-  seed and the step, so an evaluation is reproducible against the same policy.
+  seed and the step, so an evaluation is reproducible against the same policy; the first request
+  of an episode carries `new_episode=True` (a stateful policy, e.g. Libra's intent buffer,
+  starts over; stateless policies ignore it).
   """
 
   def __init__(self, infer: Callable[[dict[str, Any]], Mapping[str, Any]],
@@ -98,6 +100,7 @@ class ChunkAgent:
     self._infer = infer
     self._executor = ChunkExecutor(execution)
     self._instruction, self._seed = "", 0
+    self._new_episode = True
     self.requests = 0
 
   def reset(self, task: str, instruction: str, seed: int) -> None:
@@ -105,6 +108,7 @@ class ChunkAgent:
     self._executor.reset()
     self._instruction = "" if self.drop_instruction else instruction
     self._seed = int(seed)
+    self._new_episode = True
 
   @property
   def wants_image(self) -> bool:
@@ -113,7 +117,9 @@ class ChunkAgent:
   def act(self, time_step: mw.TimeStep) -> np.ndarray:
     if self._executor.needs_chunk:
       observation = dict(time_step.observation(), instruction=self._instruction,
-                         seed=(self._seed * 1009 + time_step.step) % MAX_NOISE_SEED)
+                         seed=(self._seed * 1009 + time_step.step) % MAX_NOISE_SEED,
+                         new_episode=self._new_episode)
+      self._new_episode = False
       actions = np.asarray(self._infer(observation)["actions"], np.float32)
       if actions.ndim != 2 or actions.shape[1] != mw.ACTION_DIM:
         raise ValueError(f"The policy returned actions of shape {actions.shape}; Meta-World needs "

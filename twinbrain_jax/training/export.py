@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from twinbrain_jax.models import families
 from twinbrain_jax.models.tokenizer import QwenTokenizer
-from twinbrain_jax.models.twinbrain import TwinBrainConfig, TwinBrainVLA
 
 PARAMS_DIR, CONFIG_FILE, NORM_STATS_FILE, TOKENIZER_DIR = (
     "params", "config.json", "norm_stats.json", "tokenizer")
@@ -70,8 +70,9 @@ def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
 
 @dataclasses.dataclass
 class Bundle:
-  """A loaded bundle: `sample_actions(bundle.model, bundle.params, obs, ...)` runs the policy."""
-  model: TwinBrainVLA
+  """A loaded bundle: `sample_actions(bundle.model, bundle.params, obs, ...)` runs the policy
+  (TwinBrain; Libra: `libra.plan` and `libra.refine`)."""
+  model: families.Model
   params: dict[str, Any]
   config: ml_collections.ConfigDict
   norm_stats: dict[str, Any]
@@ -94,10 +95,12 @@ def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) 
   config = ml_collections.ConfigDict(json.loads((directory / CONFIG_FILE).read_text()))
   model_block = config.model
   stored = config.export.dtype
-  model_block.update(param_dtype=stored, left_param_dtype=stored)
+  model_block.param_dtype = stored
+  if "left_param_dtype" in model_block:
+    model_block.left_param_dtype = stored
   if compute_dtype is not None:
     model_block.dtype = compute_dtype
-  model = TwinBrainVLA(TwinBrainConfig.from_config_dict(model_block))
+  model = families.build_model(families.model_config(config))
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(directory / PARAMS_DIR)
   params = jax.tree.map(jnp.asarray, params)
@@ -145,8 +148,9 @@ def restore_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = Non
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.logical_axis_rules(config.logical_axis_rules, mesh)
-  model = TwinBrainVLA(TwinBrainConfig.from_config_dict(config.model))
-  tx = optimizer_lib.make_optimizer(config.train)
+  model = families.build_model(families.model_config(config))
+  tx = optimizer_lib.make_optimizer(config.train,
+                                    families.TRAINABLE_GROUPS[families.family(config)])
   abstract, _ = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
   _, state, _ = checkpoint_lib.restore(manager, abstract, data_iterator=None,
                                        config=config_json, step=step)
@@ -187,5 +191,5 @@ def bundle_from_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None =
     config.model.dtype = compute_dtype
   tokenizer = QwenTokenizer.from_file(_run_tokenizer_dir(config_json, tokenizer_dir))
   params = jax.device_put(jax.device_get(params))  # Off the mesh, onto one device.
-  return Bundle(model=TwinBrainVLA(TwinBrainConfig.from_config_dict(config.model)),
+  return Bundle(model=families.build_model(families.model_config(config)),
                 params=params, config=config, norm_stats=norm_stats, tokenizer=tokenizer)

@@ -30,9 +30,10 @@ from jax.experimental import multihost_utils
 from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
 from twinbrain_jax.data.pipeline import DataPipeline
-from twinbrain_jax.inputs import ModelInputs
+from twinbrain_jax.inputs import ModelInputs, model_inputs_for
+from twinbrain_jax.models import families, libra
 from twinbrain_jax.models.tokenizer import QwenTokenizer
-from twinbrain_jax.models.twinbrain import TwinBrainVLA, train_step_flops
+from twinbrain_jax.models.twinbrain import train_step_flops
 from twinbrain_jax.training import checkpoint as checkpoint_lib
 from twinbrain_jax.training import optimizer as optimizer_lib
 from twinbrain_jax.training import state as state_lib
@@ -76,9 +77,19 @@ def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
 
 
 def model_inputs(config: ml_collections.ConfigDict) -> ModelInputs:
-  return ModelInputs(state_lib.model_config(config), QwenTokenizer.from_file(tokenizer_dir(config)),
-                     config.inputs.max_left_tokens, config.inputs.max_right_tokens,
-                     image_size(config.data))
+  return model_inputs_for(state_lib.model_config(config),
+                          QwenTokenizer.from_file(tokenizer_dir(config)),
+                          config.inputs.max_left_tokens, config.inputs.max_right_tokens,
+                          image_size(config.data))
+
+
+def _step_flops(inputs: ModelInputs, batch_size: int, num_repeats: int) -> int:
+  """Analytic FLOPs of one train step of the config's model family."""
+  if isinstance(inputs.config, libra.LibraConfig):
+    return libra.train_step_flops(inputs.config, batch_size, inputs.max_left_tokens,
+                                  inputs.patches_per_image, num_repeats)["total"]
+  return train_step_flops(inputs.config, batch_size, inputs.max_left_tokens,
+                          inputs.max_right_tokens, inputs.patches_per_image, num_repeats)["total"]
 
 
 class _Preemption:
@@ -153,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   `result.state` None); during training, after saving at the next step boundary.
 
   Args:
-    config: a `configs/twinbrain.py` config.
+    config: a `configs/twinbrain.py` or `configs/libra.py` config.
     workdir: checkpoints, TensorBoard events (paths in the config are relative to it).
     stop_after: stop (with a checkpoint) after this many steps of this call, as if preempted.
     on_step: called with the step number after every step (tests use it to send signals).
@@ -182,9 +193,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   accum = int(train_cfg.grad_accum_steps)
   step_lib.check_batch_size(int(config.data.batch_size), mesh, accum)
   inputs = model_inputs(config)
-  model = TwinBrainVLA(inputs.config)
-  tx = optimizer_lib.make_optimizer(train_cfg)
-  schedules = optimizer_lib.group_schedules(train_cfg)
+  model = families.build_model(inputs.config)
+  if isinstance(model, libra.LibraVLA) and int(config.data.action_horizon) != (
+      inputs.config.plan_length):
+    raise ConfigError(f"data.action_horizon={config.data.action_horizon} must equal Libra's plan "
+                      f"length L = M x H = {inputs.config.plan_length} (model.num_segments x "
+                      "model.segment_length).")
+  groups = families.TRAINABLE_GROUPS[families.family(config)]
+  tx = optimizer_lib.make_optimizer(train_cfg, groups)
+  schedules = optimizer_lib.group_schedules(train_cfg, groups)
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
   if preemption.agreed():
     return _preempted_in_startup(checkpoint_dir)
@@ -214,7 +231,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   else:
     start = 0
     state = state_lib.create_train_state(model, tx, mesh, rules, config.seed, shardings)
-    if config.init.hf_checkpoint:
+    if isinstance(model, libra.LibraVLA):
+      state = state_lib.load_pretrained_libra(state, shardings, inputs.config,
+                                              config.init.hf_checkpoint,
+                                              config.init.get("siglip_checkpoint"))
+    elif config.init.hf_checkpoint:
       state = state_lib.load_pretrained_backbones(state, shardings, inputs.config,
                                                   config.init.hf_checkpoint, mesh, rules)
     if preemption.agreed():
@@ -223,9 +244,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   batch_size = int(config.data.batch_size)
   grid = inputs.image_grid_thw(batch_size)
   step_fn = step_lib.make_train_step(model, tx, grid, config.flow.num_repeats, accum, schedules)
-  flops = train_step_flops(inputs.config, batch_size, inputs.max_left_tokens,
-                           inputs.max_right_tokens, inputs.patches_per_image,
-                           config.flow.num_repeats)["total"]
+  flops = _step_flops(inputs, batch_size, config.flow.num_repeats)
   tokens_per_step = batch_size * (inputs.max_left_tokens + inputs.max_right_tokens)
   peak = float(train_cfg.peak_flops_per_device) * jax.device_count()
 

@@ -1,7 +1,9 @@
 """The train state and its sharded initialisation.
 
     state = TrainState(step, params={right, state_encoder, action_expert}, frozen={left},
-                       opt_state, rng)
+                       opt_state, rng)                                        (TwinBrain)
+    state = TrainState(step, params={planner, plan_head, refiner},
+                       frozen={curriculum: {planner_passed}}, opt_state, rng)  (Libra)
 
 The frozen left brain lives in `frozen`, outside the differentiated and optimised tree: it never
 gets gradients or optimizer state, and is stored in `model.left_param_dtype` (bf16). Every leaf
@@ -25,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
-from twinbrain_jax.models import hf_loading
+from twinbrain_jax.models import families, hf_loading, libra, siglip
 from twinbrain_jax.models.twinbrain import (TwinBrainConfig, TwinBrainVLA, init_right_from_left,
                                             synthetic_observation)
 
@@ -37,7 +39,9 @@ class TrainState:
   Attributes:
     step: int32 [] optimizer steps taken.
     params: trainable params `{right, state_encoder, action_expert}`.
-    frozen: `{left}` for the twinbrain variant, `{}` for monolithic; never updated.
+    frozen: `{left}` for the twinbrain variant, `{}` for monolithic; never updated. Libra:
+      `{curriculum: {planner_passed}}`, the dynamic curriculum's latch, set by the train step
+      (never by the optimizer).
     opt_state: the optimizer's state of `params`.
     rng: uint32 [2] base key; step `s` draws from `fold_in(rng, s)`, so a resumed run draws
       the same noise as an uninterrupted one.
@@ -53,12 +57,14 @@ class TrainState:
     return {**self.frozen, **self.params}
 
 
-def model_config(config: ml_collections.ConfigDict) -> TwinBrainConfig:
-  return TwinBrainConfig.from_config_dict(config.model)
+def model_config(config: ml_collections.ConfigDict) -> families.ModelConfig:
+  return families.model_config(config)
 
 
-def _init_inputs(model_config_: TwinBrainConfig):
+def _init_inputs(model_config_: families.ModelConfig):
   """Smallest valid inputs for `model.init` (parameter shapes do not depend on them)."""
+  if isinstance(model_config_, libra.LibraConfig):
+    return libra.init_args(model_config_)
   obs, grid = synthetic_observation(model_config_, text_lengths=(3,), image_grid=(1, 8, 8))
   expert = model_config_.action_expert
   noisy = np.zeros((1, expert.action_horizon, expert.action_dim), np.float32)
@@ -73,6 +79,8 @@ def _init_fn(model: TwinBrainVLA, tx: optax.GradientTransformation, seed: int):
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
     params = dict(model.init(init_rng, obs, grid, noisy, t)["params"])
     frozen = {"left": params.pop("left")} if "left" in params else {}
+    if isinstance(model, libra.LibraVLA):
+      frozen = libra.initial_frozen()
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                       opt_state=tx.init(nn.unbox(params)), rng=train_rng)
 
@@ -167,6 +175,34 @@ def load_pretrained_backbones(state: TrainState, shardings: TrainState, model_cf
                                out_shardings=shardings.frozen["left"])(loaded)
   del loaded
   return state.replace(params=dict(state.params, right=right), frozen=frozen)
+
+
+def load_pretrained_libra(state: TrainState, shardings: TrainState, model_cfg: libra.LibraConfig,
+                          hf_checkpoint: str | None, siglip_checkpoint: str | None
+                          ) -> TrainState:
+  """Replaces Libra's planner VLM by a Hugging Face Qwen2.5-VL checkpoint and/or the refiner's
+  encoder by a HF `SiglipVisionModel` checkpoint, each on the shardings of `shardings`."""
+  params = dict(state.params)
+  dtype = jnp.dtype(model_cfg.param_dtype)
+  if hf_checkpoint:
+    hf_config = hf_loading.load_config(hf_checkpoint)
+    if hf_config != model_cfg.backbone:
+      raise ConfigError(f"init.hf_checkpoint={hf_checkpoint} has backbone config {hf_config}, "
+                        f"which differs from config.model.backbone {model_cfg.backbone}.")
+    params["planner"] = jax.device_put(hf_loading.load_params(hf_checkpoint, hf_config,
+                                                              param_dtype=dtype),
+                                       shardings.params["planner"])
+  if siglip_checkpoint:
+    vision_config = siglip.load_config(siglip_checkpoint)
+    if vision_config != model_cfg.siglip:
+      raise ConfigError(f"init.siglip_checkpoint={siglip_checkpoint} has config {vision_config}, "
+                        f"which differs from config.model.siglip {model_cfg.siglip}.")
+    refiner = dict(params["refiner"])
+    refiner["encoder"] = jax.device_put(siglip.load_params(siglip_checkpoint, vision_config,
+                                                           param_dtype=dtype),
+                                        shardings.params["refiner"]["encoder"])
+    params["refiner"] = refiner
+  return state.replace(params=params)
 
 
 def count_params(tree: Any) -> int:

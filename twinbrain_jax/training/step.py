@@ -5,8 +5,10 @@
     state, metrics = train_step(state, batch)                  # `state` is donated
 
 The frozen left brain is passed to the loss as a constant (`state.frozen`), so it is never
-differentiated. Gradient accumulation scans over micro-batches inside the step: one call is one
-optimizer step whatever the accumulation.
+differentiated. For Libra, `state.frozen` holds the dynamic curriculum's latch instead, which the
+step updates from the batch's token accuracy; the loss's parts are reported in the metrics.
+Gradient accumulation scans over micro-batches inside the step: one call is one optimizer step
+whatever the accumulation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
-from twinbrain_jax.models.twinbrain import TwinBrainVLA, compute_loss
+from twinbrain_jax.models import libra
+from twinbrain_jax.models.families import Model
+from twinbrain_jax.models.twinbrain import compute_loss
 from twinbrain_jax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -107,18 +111,29 @@ def valid_action_counts(micro: Batch) -> jax.Array:
   return jnp.broadcast_to(mask, actions.shape).sum(axis=tuple(range(1, actions.ndim)))
 
 
-def make_loss_fn(model: TwinBrainVLA, image_grid_thw: np.ndarray, num_repeats: int,
-                 train: bool = True) -> Callable[..., jax.Array]:
-  """(trainable params, frozen params, batch, rng) -> scalar flow-matching loss."""
+def make_loss_fn(model: Model, image_grid_thw: np.ndarray, num_repeats: int,
+                 train: bool = True) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+  """(trainable params, frozen, batch, rng) -> (scalar loss, metrics of its parts): TwinBrain's
+  flow-matching loss (no parts), or Libra's joint loss (`libra.compute_loss`)."""
   grid = np.asarray(image_grid_thw)
-
-  def loss_fn(params, frozen, batch, rng):
-    return compute_loss(model, {**frozen, **params}, batch, grid, rng, num_repeats, train)
+  if isinstance(model, libra.LibraVLA):
+    def loss_fn(params, frozen, batch, rng):
+      return libra.compute_loss(model, params, frozen, batch, grid, rng, num_repeats, train)
+  else:
+    def loss_fn(params, frozen, batch, rng):
+      return compute_loss(model, {**frozen, **params}, batch, grid, rng, num_repeats, train), {}
 
   return loss_fn
 
 
-def make_train_step(model: TwinBrainVLA, tx: optax.GradientTransformation,
+def update_frozen(model: Model, frozen: Any, metrics: Mapping[str, jax.Array]) -> Any:
+  """The frozen part after a step: unchanged, except Libra's curriculum latch."""
+  if isinstance(model, libra.LibraVLA):
+    return libra.update_frozen(model.config, frozen, metrics)
+  return frozen
+
+
+def make_train_step(model: Model, tx: optax.GradientTransformation,
                     image_grid_thw: np.ndarray, num_repeats: int, grad_accum_steps: int = 1,
                     schedules: Mapping[str, optax.Schedule] | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -134,7 +149,8 @@ def make_train_step(model: TwinBrainVLA, tx: optax.GradientTransformation,
     schedules: per-group learning rates, reported in the metrics.
 
   Returns:
-    step(state, batch) -> (new state, metrics {loss, grad_norm, param_norm, lr/<group>}).
+    step(state, batch) -> (new state, metrics {loss, grad_norm, param_norm, lr/<group>} and the
+    loss's parts, e.g. Libra's loss_plan, loss_fine, token_accuracy, use_predicted_bins).
   """
   grid = np.asarray(image_grid_thw)
   batch_size, k = grid.shape[0], int(grad_accum_steps)
@@ -149,12 +165,12 @@ def make_train_step(model: TwinBrainVLA, tx: optax.GradientTransformation,
         f"take samples i, i+{k}, ... and share one compiled step); got image_grid_thw "
         f"{grid.tolist()}. Use one image size (data.image_size).")
   micro_loss = make_loss_fn(model, grid[::k], num_repeats)
-  grad_fn = jax.value_and_grad(micro_loss)
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
     if k == 1:
-      loss, grads = grad_fn(state.params, state.frozen, batch, rng)
+      (loss, parts), grads = grad_fn(state.params, state.frozen, batch, rng)
     else:
       micro = split_microbatches(batch, k, batch_size)
       # The loss is a mean over valid action elements, so micro-batch i's gradient is weighted
@@ -164,20 +180,25 @@ def make_train_step(model: TwinBrainVLA, tx: optax.GradientTransformation,
 
       def accumulate(carry, inputs):
         index, weight, micro_batch = inputs
-        loss_i, grads_i = grad_fn(state.params, state.frozen, micro_batch,
-                                  jax.random.fold_in(rng, index))
+        (loss_i, parts_i), grads_i = grad_fn(state.params, state.frozen, micro_batch,
+                                             jax.random.fold_in(rng, index))
         return jax.tree.map(lambda acc, x: acc + (weight * x).astype(acc.dtype), carry,
-                            (loss_i, grads_i)), None
+                            (loss_i, parts_i, grads_i)), None
 
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), weights, micro))
+      first = jax.tree.map(lambda x: x[0], micro)
+      parts_shape = jax.eval_shape(micro_loss, state.params, state.frozen, first, rng)[1]
+      zeros = (jnp.zeros((), jnp.float32),
+               jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), parts_shape),
+               jax.tree.map(jnp.zeros_like, state.params))
+      (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), weights, micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+    metrics = dict(parts, loss=loss, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params))
     for group, schedule in (schedules or {}).items():
       metrics[f"lr/{group}"] = schedule(state.step)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         frozen=update_frozen(model, state.frozen, parts)), metrics
 
   return step
 
@@ -190,7 +211,7 @@ def jit_train_step(step: Callable, state_shardings: TrainState,
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(model: TwinBrainVLA, image_grid_thw: np.ndarray, num_repeats: int,
+def make_eval_step(model: Model, image_grid_thw: np.ndarray, num_repeats: int,
                    state_shardings: TrainState, batch_shardings_: Mapping[str, NamedSharding],
                    mesh: Mesh) -> Callable[[TrainState, Batch], jax.Array]:
   """Validation loss without dropout; the noise is a fixed function of the step (comparable
@@ -199,7 +220,7 @@ def make_eval_step(model: TwinBrainVLA, image_grid_thw: np.ndarray, num_repeats:
 
   def eval_step(state: TrainState, batch: Batch) -> jax.Array:
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, 2**31 - 1), 0)
-    return loss_fn(state.params, state.frozen, batch, rng)
+    return loss_fn(state.params, state.frozen, batch, rng)[0]
 
   return jax.jit(eval_step, in_shardings=(state_shardings, dict(batch_shardings_)),
                  out_shardings=NamedSharding(mesh, PartitionSpec()))
