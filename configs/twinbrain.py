@@ -75,6 +75,9 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # trainable parts
   m.left_param_dtype = "bfloat16"  # frozen left brain storage
   m.remat_policy = "none"  # "full" or "dots" (save matmul outputs)
+  # Layers as one `nn.scan` (params stacked on a `layers` axis): compiles one layer, not all.
+  # False unrolls them (`layers_{i}` params), e.g. to inspect one layer while debugging.
+  m.scan_layers = True
   m.action_expert = ml_collections.ConfigDict(dict(
       num_layers=16, num_heads=12, head_dim=64, action_dim=7, action_horizon=16, state_dim=8,
       num_future_tokens=32, hidden_dim=1024, dropout=0.2))

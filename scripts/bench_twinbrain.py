@@ -34,21 +34,12 @@ _TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 24, "Instruction tokens per p
 IMAGE_GRID = (1, 16, 16)  # 224 x 224 pixels.
 
 
-def _median_seconds(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def _compile_and_time(jitted, args, repeats):
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(*args))  # warm-up
-  return compile_s, _median_seconds(lambda: compiled(*args), repeats), compiled
+  return compile_s, cli.median_seconds(lambda: compiled(*args), repeats), compiled
 
 
 def sample_actions_recomputing_brains(model, params, obs, grid, rng, num_steps):

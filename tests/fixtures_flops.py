@@ -6,9 +6,14 @@ import jax
 
 
 def dot_general_flops(jaxpr) -> int:
-  """2 * m * n * k summed over every dot_general in a jaxpr (recursing into sub-jaxprs)."""
+  """2 * m * n * k summed over every dot_general in a jaxpr (recursing into sub-jaxprs; a scan's
+  body counts `length` times). A `cond` runs one branch, unknown when tracing: trace the
+  unrolled model (`scan_layers=False`) instead."""
   total = 0
   for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      raise ValueError("dot_general_flops cannot count a cond; trace with scan_layers=False.")
+    repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
     if eqn.primitive.name == "dot_general":
       lhs, rhs = (v.aval.shape for v in eqn.invars)
       (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
@@ -17,7 +22,7 @@ def dot_general_flops(jaxpr) -> int:
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          total += dot_general_flops(sub.jaxpr)
+          total += repeats * dot_general_flops(sub.jaxpr)
         elif isinstance(sub, jax.extend.core.Jaxpr):
-          total += dot_general_flops(sub)
+          total += repeats * dot_general_flops(sub)
   return total

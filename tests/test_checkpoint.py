@@ -66,9 +66,9 @@ def test_checkpoint_from_mesh_a_restores_on_mesh_b(saved, mesh_shape):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert got.sharding == target.sharding and got.dtype == target.dtype
   # The restored layout really is mesh B's: an fsdp x tensor-sharded kernel.
-  kernel = restored.params["right"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+  kernel = restored.params["right"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
   assert kernel.sharding.mesh.shape == mesh_b.shape
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert restored.frozen["left"]["model"]["norm"]["scale"].dtype == np.dtype("bfloat16")
 
 

@@ -16,7 +16,7 @@ from fixtures_flops import dot_general_flops
 from twinbrain_jax import flow_matching as fm
 from twinbrain_jax import sharding
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, action_expert_flops,
-                                      sinusoidal_embedding)
+                                      scanned_expert_params, sinusoidal_embedding)
 
 BATCH, CONTEXT_LEN = 3, 5
 
@@ -137,8 +137,8 @@ def test_every_param_has_known_logical_axes_and_sharded_forward_matches():
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     sharded = jax.device_put(params, shardings)
     # The FSDP axis really splits the width-`embed` axis of the FF weights.
-    spec = shardings["params"]["block_0"]["ff_up"]["kernel"].spec
-    assert tuple(spec) == ("fsdp", "tensor")
+    spec = shardings["params"]["blocks"]["cross_attention"]["ff_up"]["kernel"].spec
+    assert tuple(spec) == (None, "fsdp", "tensor")  # Blocks stacked on a leading axis.
     batch_inputs = jax.device_put(inputs, sharding.batch_sharding(mesh))
     # A fresh jit traced under the mesh and rules, so the logical constraints apply.
     out = jax.jit(lambda p, x: model.apply(
@@ -178,6 +178,37 @@ def test_remat_gives_the_same_values_and_gradients():
   np.testing.assert_allclose(remat_value, value, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                remat_grad, grad)
+
+
+@pytest.mark.parametrize("overrides", [dict(num_layers=3), dict(interleave_self_attention=False)])
+def test_scanned_blocks_give_the_unrolled_values_and_gradients(overrides):
+  """(cross, self) block pairs as one `nn.scan` (an odd stack ends with an unscanned cross
+  block), the cached context K/V included, compute what the unrolled blocks do."""
+  config = _config(dropout=0.0, scan_layers=False, **overrides)
+  inputs = _inputs(config)
+  model, _, params = _init(config, inputs)
+  scanned_config = dataclasses.replace(config, scan_layers=True)
+  scanned = ActionExpert(scanned_config)
+  scanned_params = {"params": scanned_expert_params(params["params"], scanned_config)}
+  fresh = jax.eval_shape(lambda: nn.unbox(scanned.init(
+      jax.random.key(0), inputs["noisy_actions"], inputs["t"], context=inputs["context"],
+      state=inputs["state"])))
+  assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, scanned_params)
+
+  def value_and_grad(model, params):
+    def loss(p):
+      kv = model.apply(p, inputs["context"], method=ActionExpert.context_kv)
+      out = model.apply(p, inputs["noisy_actions"], inputs["t"], context_kv=kv,
+                        state=inputs["state"])
+      return jnp.sum(out ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (value, grad), (scanned_value, scanned_grad) = (value_and_grad(model, params),
+                                                  value_and_grad(scanned, scanned_params))
+  np.testing.assert_allclose(scanned_value, value, rtol=1e-5)
+  want = {"params": scanned_expert_params(grad["params"], scanned_config)}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), want,
+               scanned_grad)
 
 
 def test_interleaving_and_no_state_token():

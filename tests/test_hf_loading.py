@@ -77,7 +77,7 @@ def test_config_rejects_bad_mrope_section():
 
 def test_loaded_values_are_the_checkpoint_tensors(tiny_hf_checkpoint, reference_params):
   tensors = _tensors(tiny_hf_checkpoint)
-  layer = reference_params["model"]["layers_1"]
+  layer = jax.tree.map(lambda x: x[1], reference_params["model"]["layers"])  # Stacked layers.
   q_weight = tensors["model.layers.1.self_attn.q_proj.weight"]  # [Hq * D, E]
   np.testing.assert_array_equal(layer["self_attn"]["q_proj"]["kernel"],
                                 q_weight.T.reshape(64, 4, 16))
@@ -119,7 +119,7 @@ def test_bf16_checkpoint_and_dtype_choice(tmp_path):
     params = hf_loading.load_params(tmp_path, param_dtype=dtype)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(dtype)}
     np.testing.assert_array_equal(
-        np.asarray(params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"], np.float32), expected)
+        np.asarray(params["model"]["layers"]["mlp"]["up_proj"]["kernel"][0], np.float32), expected)
   assert hf_loading.SafetensorsReader(tmp_path).get(
       "model.norm.weight").dtype == ml_dtypes.bfloat16
 
@@ -145,13 +145,13 @@ def test_loading_into_a_mesh_shards_each_parameter(tiny_hf_checkpoint, reference
   rules = sharding.logical_axis_rules(LOGICAL_AXIS_RULES, mesh)
   params = hf_loading.load_params(tiny_hf_checkpoint, mesh=mesh, rules=rules)
   _assert_trees_equal(params, reference_params)
-  q_kernel = params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]  # [E, Hq, D]
-  assert q_kernel.sharding.spec == PartitionSpec("fsdp", "tensor", None)
-  assert q_kernel.addressable_shards[0].data.shape == (32, 2, 16)
+  q_kernel = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]  # [L, E, Hq, D]
+  assert q_kernel.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+  assert q_kernel.addressable_shards[0].data.shape == (q_kernel.shape[0], 32, 2, 16)
   embedding = params["model"]["embed_tokens"]["embedding"]
   assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
-  assert params["visual"]["blocks_0"]["mlp"]["gate_proj"]["kernel"].sharding.spec == (
-      PartitionSpec("fsdp", "tensor"))
+  assert params["visual"]["blocks"]["mlp"]["gate_proj"]["kernel"].sharding.spec == (
+      PartitionSpec(None, "fsdp", "tensor"))
 
 
 def test_orbax_round_trip(tiny_hf_checkpoint, reference_params, tmp_path):
@@ -161,8 +161,8 @@ def test_orbax_round_trip(tiny_hf_checkpoint, reference_params, tmp_path):
   config, restored = hf_loading.restore_orbax(tmp_path / "orbax", mesh=mesh, rules=rules)
   assert config == hf_loading.load_config(tiny_hf_checkpoint)
   _assert_trees_equal(restored, reference_params)
-  assert restored["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == (
-      PartitionSpec("fsdp", "tensor"))
+  assert restored["model"]["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == (
+      PartitionSpec(None, "fsdp", "tensor"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,6 +164,48 @@ def test_dot_product_attention_gqa_and_masked_rows():
   assert np.all(out[0, 2] == 0) and np.all(np.isfinite(out))
 
 
+def _grouped_einsum_attention(q, k, v, mask):
+  """The earlier attention path (float32 einsums over grouped query heads), for comparison."""
+  batch, q_len, num_q_heads, head_dim = q.shape
+  groups = num_q_heads // k.shape[2]
+  q = q.reshape(batch, q_len, k.shape[2], groups, head_dim)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q.astype(jnp.float32), k.astype(jnp.float32))
+  logits = jnp.where(mask[:, None, None], logits * head_dim ** -0.5, jnp.finfo(jnp.float32).min)
+  probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), jax.nn.softmax(logits, -1), 0.0)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
+  return out.reshape(batch, q_len, num_q_heads, head_dim)
+
+
+def test_fused_attention_equals_the_einsum_path_without_repeating_kv():
+  """`jax.nn.dot_product_attention` gives the earlier path's values and gradients (fp32, CPU),
+  tracks the float64 reference in bf16, and never materialises K/V repeated to Hq heads."""
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.standard_normal((2, 6, 6, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, 9, 2, 8)), jnp.float32) for _ in range(2))
+  mask = rng.random((2, 6, 9)) > 0.4
+  mask[1, 4] = False
+  for fn in (qwen25vl.dot_product_attention, _grouped_einsum_attention):
+    np.testing.assert_allclose(np.asarray(fn(q, k, v, mask)),
+                               _attention_reference(*map(np.asarray, (q, k, v)), mask), atol=1e-5)
+  loss = lambda fn: jax.grad(lambda *a: jnp.sum(fn(*a, mask) ** 2), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(loss(qwen25vl.dot_product_attention), loss(_grouped_einsum_attention)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  bf16 = np.asarray(qwen25vl.dot_product_attention(
+      *(x.astype(jnp.bfloat16) for x in (q, k, v)), mask), np.float32)
+  reference = _attention_reference(*(np.asarray(x, np.float64) for x in (q, k, v)), mask)
+  assert np.abs(bf16 - reference).max() < 0.05  # bf16 inputs/outputs, fp32 softmax.
+  def shapes(jaxpr):  # Output shapes of every equation, nested jaxprs included.
+    for eqn in jaxpr.eqns:
+      yield from (tuple(var.aval.shape) for var in eqn.outvars)
+      for param in eqn.params.values():
+        if isinstance(param, jax.extend.core.ClosedJaxpr):
+          yield from shapes(param.jaxpr)
+
+  traced = jax.make_jaxpr(lambda *a: qwen25vl.dot_product_attention(*a, mask))(q, k, v)
+  seen = set(shapes(traced.jaxpr))
+  assert (2, 6, 6, 8) in seen and (2, 9, 6, 8) not in seen  # No [B, Lk, Hq, D] copy of K/V.
+
+
 # ---------------------------------------------------------------------------------------------
 # Position ids.
 
@@ -298,10 +340,10 @@ def test_every_parameter_has_known_logical_axes():
   boxed = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
                           or hasattr(x, "names"))
   assert all(hasattr(leaf, "names") for leaf in boxed), "a parameter has no logical axes"
-  layer = abstract["model"]["layers_0"]["self_attn"]
-  assert layer["q_proj"]["kernel"].names == ("embed", "heads", "kv")
-  assert layer["k_proj"]["kernel"].names == ("embed", "kv_heads", "kv")
-  assert layer["o_proj"]["kernel"].names == ("heads", "kv", "embed")
+  layer = abstract["model"]["layers"]["self_attn"]  # Stacked on a leading `layers` axis.
+  assert layer["q_proj"]["kernel"].names == ("layers", "embed", "heads", "kv")
+  assert layer["k_proj"]["kernel"].names == ("layers", "embed", "kv_heads", "kv")
+  assert layer["o_proj"]["kernel"].names == ("layers", "heads", "kv", "embed")
 
 
 def test_decoder_layer_halves_compose_to_the_layer(flax_model):
@@ -309,7 +351,7 @@ def test_decoder_layer_halves_compose_to_the_layer(flax_model):
   model, params = flax_model
   text = model.config.text
   layer = qwen25vl.DecoderLayer(text)
-  layer_params = {"params": params["model"]["layers_0"]}
+  layer_params = {"params": jax.tree.map(lambda x: x[0], params["model"]["layers"])}
   rng = np.random.default_rng(5)
   hidden = rng.standard_normal((2, 6, text.hidden_size)).astype(np.float32)
   mask = np.asarray(qwen25vl.causal_padding_mask(np.ones((2, 6))))

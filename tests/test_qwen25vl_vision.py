@@ -192,8 +192,8 @@ def test_sharded_forward_equals_single_device():
   rules = sharding.logical_axis_rules(LOGICAL_AXIS_RULES, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     sharded = jax.device_put(params, sharding.logical_shardings(abstract, mesh, rules))
-    qkv = sharded["params"]["blocks_0"]["attn"]["qkv"]["kernel"]
-    assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
+    qkv = sharded["params"]["blocks"]["attn"]["qkv"]["kernel"]  # [depth, E, 3, H, D]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
     out = apply(sharded, pixel_values)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
@@ -237,5 +237,5 @@ def test_remat_gives_the_same_gradients(tiny_vision):
     return jax.jit(jax.grad(loss))(params)
 
   plain, rematted = grads(False), grads(True)
-  assert float(jnp.abs(plain["blocks_0"]["attn"]["qkv"]["kernel"]).max()) > 0
+  assert float(jnp.abs(plain["blocks"]["attn"]["qkv"]["kernel"][0]).max()) > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, rematted)

@@ -65,7 +65,7 @@ def test_left_is_the_checkpoint_in_bf16_and_right_in_fp32(loaded, hf_params, tin
   reader = hf_loading.SafetensorsReader(tiny_hf_checkpoint)
   q_weight = np.asarray(reader.get("model.layers.1.self_attn.q_proj.weight"))  # [Hq * D, E]
   np.testing.assert_array_equal(
-      to_numpy(state.params["right"]["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"]),
+      to_numpy(state.params["right"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"])[1],
       q_weight.T.reshape(64, 4, 16))
   merger = np.asarray(reader.get("visual.merger.mlp.0.weight"))
   np.testing.assert_array_equal(
@@ -96,9 +96,9 @@ def test_loaded_state_keeps_the_shardings_and_the_rest(loaded):
     for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
       assert leaf.sharding == sharding
   for side in (state.params["right"], state.frozen["left"]):
-    q_kernel = side["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]  # [E, Hq, D]
-    assert q_kernel.sharding.spec == PartitionSpec("fsdp", "tensor", None)
-    assert q_kernel.addressable_shards[0].data.shape == (32, 2, 16)
+    q_kernel = side["model"]["layers"]["self_attn"]["q_proj"]["kernel"]  # [L, E, Hq, D]
+    assert q_kernel.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    assert q_kernel.addressable_shards[0].data.shape == (q_kernel.shape[0], 32, 2, 16)
     assert side["model"]["embed_tokens"]["embedding"].sharding.spec == (
         PartitionSpec("tensor", "fsdp"))
   # The expert, the state encoder, the optimizer state and the step are untouched.

@@ -48,3 +48,17 @@ def run(main: Callable[[list[str]], None]) -> None:
       sys.exit(f"error: {e}")
 
   app.run(checked_main, flags_parser=_parse_flags_or_exit)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+  """The median wall time of `repeats` calls of `fn`, each waited for (`jax.block_until_ready`);
+  for the `scripts/bench_*.py` tables."""
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))

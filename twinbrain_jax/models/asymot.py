@@ -15,11 +15,13 @@ valid tokens):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from twinbrain_jax.models.layers import add_layer_addition
 from twinbrain_jax.models.qwen25vl import (DecoderLayer, causal_padding_mask,
                                            dot_product_attention)
 
@@ -131,8 +133,46 @@ def asymot_forward(left_layers: Sequence[DecoderLayer], right_layers: Sequence[D
   for i, (left, right) in enumerate(zip(left_layers, right_layers)):
     hidden_left, hidden_right = asymot_layer(left, right, hidden_left, hidden_right, rope_left,
                                              rope_right, masks)
-    if additions_left is not None and i < additions_left.shape[0]:
-      hidden_left = hidden_left + additions_left[i].astype(hidden_left.dtype)
-    if additions_right is not None and i < additions_right.shape[0]:
-      hidden_right = hidden_right + additions_right[i].astype(hidden_right.dtype)
+    hidden_left = add_layer_addition(hidden_left, additions_left, i)
+    hidden_right = add_layer_addition(hidden_right, additions_right, i)
   return hidden_left, hidden_right
+
+
+def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right_params: Any,
+                hidden_left: jax.Array, hidden_right: jax.Array,
+                rope_left: tuple[jax.Array, jax.Array], rope_right: tuple[jax.Array, jax.Array],
+                masks: JointMasks, remat_policy: Any = None, remat: bool = False,
+                additions_left: jax.Array | None = None, additions_right: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """All layers of both brains as one `lax.scan`: step i reads layer i of both stacks.
+
+  Args:
+    left, right: unbound `DecoderLayer`s of each brain's sizes and dtypes.
+    left_params, right_params: each brain's decoder params stacked on a leading `layers` axis
+      (the left one may be stored in another dtype, e.g. bf16).
+    hidden_left, hidden_right, rope_left, rope_right, masks: as `asymot_forward`.
+    remat_policy, remat: recompute each joint layer in the backward pass (`jax.checkpoint`).
+    additions_left, additions_right: as `asymot_forward`; broadcast to every step, step i adds
+      map i of each brain's own stream while i < K (the scanned layer index picks it).
+
+  Returns:
+    The streams before the final norms.
+  """
+  depth = {jax.tree.leaves(p)[0].shape[0] for p in (left_params, right_params)}
+  if len(depth) != 1:
+    raise ValueError(f"AsyMoT needs brains of equal depth; the stacks have {sorted(depth)} layers.")
+  (num_layers,) = depth
+
+  def step(carry, xs):
+    left_params_i, right_params_i, index = xs
+    left_i = left.bind({"params": left_params_i})
+    right_i = right.bind({"params": right_params_i})
+    hidden_left, hidden_right = asymot_layer(left_i, right_i, *carry, rope_left, rope_right, masks)
+    return (add_layer_addition(hidden_left, additions_left, index),
+            add_layer_addition(hidden_right, additions_right, index)), None
+
+  if remat:
+    step = jax.checkpoint(step, policy=remat_policy, prevent_cse=False)
+  carry, _ = jax.lax.scan(step, (hidden_left, hidden_right),
+                          (left_params, right_params, jnp.arange(num_layers)))
+  return carry

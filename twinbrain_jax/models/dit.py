@@ -63,6 +63,9 @@ class ActionExpertConfig:
   final_norm_eps: float = 1e-6
   # Rematerialise each block in the backward pass (saves activation memory, costs a forward).
   remat: bool = False
+  # One `nn.scan` over the blocks (a cross block and, interleaved, a self block per step), their
+  # params stacked on a leading `layers` axis; False unrolls them (`block_{i}`).
+  scan_layers: bool = True
 
   def __post_init__(self):
     positive = ("num_layers", "num_heads", "head_dim", "action_dim", "action_horizon",
@@ -99,6 +102,16 @@ class ActionExpertConfig:
   @property
   def num_cross_blocks(self) -> int:
     return sum(self.is_cross_block(i) for i in range(self.num_layers))
+
+  @property
+  def blocks_per_group(self) -> int:
+    """Blocks per scan step: (cross, self) when interleaved, else one cross block."""
+    return 2 if self.interleave_self_attention else 1
+
+  @property
+  def num_groups(self) -> int:
+    """Scan steps; an odd interleaved stack ends with one cross block outside the scan."""
+    return self.num_layers // self.blocks_per_group
 
   @classmethod
   def from_config_dict(cls, config: Mapping[str, Any]) -> ActionExpertConfig:
@@ -289,6 +302,30 @@ class DiTBlock(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+class DiTBlockGroup(nn.Module):
+  """One scan step of the block pattern: a cross-attention block, then (interleaved) a
+  self-attention block. Params `cross_attention/...`, `self_attention/...`."""
+  config: ActionExpertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.cross_attention = DiTBlock(self.config, True, **kw)
+    if self.config.interleave_self_attention:
+      self.self_attention = DiTBlock(self.config, False, **kw)
+
+  def context_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.cross_attention.context_kv(context)
+
+  def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], temb: jax.Array,
+               context_mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    x = self.cross_attention(x, temb, kv, context_mask, deterministic)
+    if self.config.interleave_self_attention:
+      x = self.self_attention(x, temb, None, None, deterministic)
+    return x
+
+
 class ActionExpert(nn.Module):
   """GR00T-N1 flow-matching DiT: predicts the velocity of a noisy action chunk.
 
@@ -306,8 +343,14 @@ class ActionExpert(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # `deterministic` (argument 5, counting self) is a Python bool.
     block_cls = nn.remat(DiTBlock, static_argnums=(5,)) if c.remat else DiTBlock
+    if c.scan_layers:
+      # Only ever called through `_scan_groups` (params [num_groups, ...]).
+      self.groups = DiTBlockGroup(c, name="blocks", **kw)
+      first_unscanned = c.num_groups * c.blocks_per_group
+    else:
+      first_unscanned = 0
     self.blocks = [block_cls(c, c.is_cross_block(i), name=f"block_{i}", **kw)
-                   for i in range(c.num_layers)]
+                   for i in range(first_unscanned, c.num_layers)]
     self.time_in = _dense(width, (None, "embed"), "time_in", **kw)
     self.time_out = _dense(width, ("embed", "mlp"), "time_out", **kw)
     emb = dict(num_embodiments=c.num_embodiments, **kw)
@@ -343,8 +386,22 @@ class ActionExpert(nn.Module):
           f"ActionExpert: context must be [B, Lc, {c.context_dim}] (context_dim); got shape "
           f"{context.shape}. Set ActionExpertConfig.context_dim to the conditioning width.")
     context = nn.with_logical_constraint(context, ("batch", "length", "embed"))
-    return tuple(block.context_kv(context) for i, block in enumerate(self.blocks)
-                 if c.is_cross_block(i))
+    scanned = ()
+    if c.scan_layers:
+      body = lambda group, carry, _: (carry, group.context_kv(context))  # noqa: E731
+      _, (keys, values) = self._scan_groups(body, None, None)
+      scanned = tuple((keys[i], values[i]) for i in range(c.num_groups))
+    return scanned + tuple(block.context_kv(context) for block in self.blocks
+                           if block.cross_attention)
+
+  def _scan_groups(self, body, carry, xs, remat: bool = False):
+    """`nn.scan` of `body(group, carry, x)` over the stacked block groups."""
+    if remat:
+      body = nn.remat(body, prevent_cse=False)
+    scan = nn.scan(body, variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True}, length=self.config.num_groups,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    return scan(self.groups, carry, xs)
 
   def timestep_embedding(self, t: jax.Array) -> jax.Array:
     """`t [B]` float in [0, 1] -> temb `[B, D]` of the discretised timestep."""
@@ -403,8 +460,16 @@ class ActionExpert(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     cross_kv = iter(context_kv)
-    for i, block in enumerate(self.blocks):
-      kv = next(cross_kv) if c.is_cross_block(i) else None
+    if c.scan_layers:
+      group_kv = [next(cross_kv) for _ in range(c.num_groups)]
+      stacked_kv = tuple(jnp.stack(part) for part in zip(*group_kv))  # ([G, B, Lc, H, K],) * 2
+
+      def body(group, x, kv):
+        return group(x, kv, temb, context_mask, deterministic), None
+
+      x, _ = self._scan_groups(body, x, stacked_kv, remat=c.remat)
+    for block in self.blocks:
+      kv = next(cross_kv) if block.cross_attention else None
       x = block(x, temb, kv, context_mask, deterministic)
 
     # Only the action tokens are decoded; the rest of the sequence is conditioning.
@@ -439,6 +504,19 @@ class ActionExpert(nn.Module):
           f"ActionExpert: state must be [B, {c.state_dim}] = ({batch}, {c.state_dim}); got "
           f"{None if state is None else state.shape}. Set state_dim=0 to drop the state token.")
     return batch
+
+
+def scanned_expert_params(params: Mapping[str, Any], config: ActionExpertConfig
+                          ) -> dict[str, Any]:
+  """Unrolled expert params (`block_{i}`) in the scanned layout: blocks `kg` .. `kg + k - 1`
+  (k = `blocks_per_group`) -> `blocks/cross_attention` (/ `blocks/self_attention`), stacked over
+  g; a trailing unpaired block keeps its name."""
+  params, per_group = dict(params), config.blocks_per_group
+  roles = ("cross_attention", "self_attention")[:per_group]
+  groups = [{role: params.pop(f"block_{g * per_group + j}") for j, role in enumerate(roles)}
+            for g in range(config.num_groups)]
+  params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *groups)
+  return params
 
 
 def action_expert_flops(config: ActionExpertConfig, batch: int, context_len: int,

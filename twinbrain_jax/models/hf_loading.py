@@ -244,17 +244,19 @@ def _shape_error(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> Check
 # Loading.
 
 
-def abstract_params(config: backbones.BackboneConfig, param_dtype: Any = jnp.float32) -> Any:
+def abstract_params(config: backbones.BackboneConfig, param_dtype: Any = jnp.float32,
+                    scan_layers: bool = True) -> Any:
   """Logically annotated `jax.ShapeDtypeStruct` tree of the model's parameters (no memory)."""
-  model = backbones.model_class(config)(config, dtype=param_dtype, param_dtype=param_dtype)
+  model = backbones.model_class(config)(config, dtype=param_dtype, param_dtype=param_dtype,
+                                        scan_layers=scan_layers)
   return jax.eval_shape(functools.partial(qwen25vl.init_params, model), jax.random.key(0))
 
 
 def _abstract_and_shardings(config: backbones.BackboneConfig, param_dtype: Any, mesh: Mesh | None,
-                            rules: sharding_lib.LogicalRules | None, caller: str
-                            ) -> tuple[Any, Any]:
+                            rules: sharding_lib.LogicalRules | None, caller: str,
+                            scan_layers: bool = True) -> tuple[Any, Any]:
   """(unboxed abstract params, their shardings): by `rules` over `mesh`, or on one device."""
-  abstract = abstract_params(config, param_dtype)
+  abstract = abstract_params(config, param_dtype, scan_layers)
   if mesh is not None:
     if rules is None:
       raise ValueError(f"{caller}(mesh=...) needs the logical axis rules too (rules=...).")
@@ -266,7 +268,8 @@ def _abstract_and_shardings(config: backbones.BackboneConfig, param_dtype: Any, 
 
 def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig | None = None, *,
                 param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
-                rules: sharding_lib.LogicalRules | None = None) -> dict[str, Any]:
+                rules: sharding_lib.LogicalRules | None = None,
+                scan_layers: bool = True) -> dict[str, Any]:
   """Reads a checkpoint into the (unboxed) parameter tree of `Qwen25VL(config)` / `Qwen3VL`.
 
   Args:
@@ -275,6 +278,8 @@ def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig |
     param_dtype: dtype of the returned parameters (e.g. jnp.float32 or jnp.bfloat16).
     mesh, rules: when given, every parameter is created directly with the `NamedSharding` its
       logical axes map to under `rules`; otherwise on the default device.
+    scan_layers: the layout of `Qwen25VL(scan_layers=...)`: per-layer tensors stacked on a
+      leading `layers` axis (`model/layers`, `visual/blocks`), or unrolled.
 
   Returns:
     The `params` collection (plain nested dict of jax arrays).
@@ -289,7 +294,8 @@ def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig |
   keys = reader.keys()
   text_prefix, vision_prefix = key_prefixes(keys)
 
-  abstract, shardings = _abstract_and_shardings(config, param_dtype, mesh, rules, "load_params")
+  abstract, shardings = _abstract_and_shardings(config, param_dtype, mesh, rules, "load_params",
+                                                scan_layers)
   np_dtype = np.dtype(jnp.dtype(param_dtype))
   used: set[str] = set()
 
@@ -305,6 +311,12 @@ def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig |
     used.add(key)
     return key, source.transform(reader.get(key))
 
+  def stacked_source_for(rest: tuple[str, ...], text_map) -> tuple[str, _StackedLayers]:
+    """The per-layer tensors of `model/layers/<rest>`, each checked, read as one [L, ...]."""
+    layers = [source_for(("model", f"layers_{i}", *rest), text_map)
+              for i in range(config.text.num_hidden_layers)]
+    return layers[0][0], _StackedLayers([layer for _, layer in layers])
+
   # The vision tower's tree comes from its own converter, reading through the vision prefix.
   def get_vision(name: str) -> np.ndarray:
     key = vision_prefix + name
@@ -315,8 +327,8 @@ def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig |
     return reader.get(key)
 
   try:
-    vision_tree = backbones.family(config.family).vision_params_from_hf(get_vision,
-                                                                         config.vision)
+    vision_tree = backbones.family(config.family).vision_params_from_hf(
+        get_vision, config.vision, scan_layers)
   except CheckpointError:
     raise
   except (KeyError, ValueError) as err:  # The converter names the tensor and both shapes.
@@ -337,6 +349,8 @@ def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig |
       source = np.asarray(vision_flat[names[1:]])
     elif names in text_map:
       key, source = source_for(names, text_map)
+    elif names[:2] == ("model", "layers"):
+      key, source = stacked_source_for(names[2:], text_map)
     else:
       raise CheckpointError(f"No checkpoint tensor is mapped to parameter {'/'.join(names)}.")
     if tuple(source.shape) != tuple(leaf.shape):
@@ -354,6 +368,25 @@ def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig |
   return jax.tree.unflatten(jax.tree.structure(abstract), arrays)
 
 
+class _StackedLayers:
+  """Per-layer arrays (memory-mapped or transformed) read as one `[L, ...]` array, slice by
+  slice: a device's shard stacks the slices of the layers it holds, so the stack is never
+  materialised whole."""
+
+  def __init__(self, layers: list[np.ndarray]):
+    shapes = {tuple(layer.shape) for layer in layers}
+    if len(shapes) != 1:
+      raise CheckpointError(f"Layers of one parameter have different shapes {sorted(shapes)}.")
+    self.layers = layers
+    self.shape = (len(layers), *shapes.pop())
+
+  def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+    index = tuple(index) if isinstance(index, tuple) else (index,)
+    first, rest = (index[0] if index else slice(None)), index[1:]
+    return np.stack([np.asarray(self.layers[i][rest])
+                     for i in range(len(self.layers))[first]])
+
+
 def _to_device(source: np.ndarray, shape: tuple[int, ...], dtype: np.dtype,
                sharding: jax.sharding.Sharding) -> jax.Array:
   """A global array of `shape` whose shards are cut from the (memory-mapped) `source`."""
@@ -363,13 +396,15 @@ def _to_device(source: np.ndarray, shape: tuple[int, ...], dtype: np.dtype,
 
 def load_pretrained(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
                     param_dtype: Any | None = None, mesh: Mesh | None = None,
-                    rules: sharding_lib.LogicalRules | None = None
+                    rules: sharding_lib.LogicalRules | None = None, scan_layers: bool = True
                     ) -> tuple[qwen25vl.Qwen25VL | qwen3vl.Qwen3VL, dict[str, Any]]:
   """(model, params) from a checkpoint directory; `param_dtype` defaults to `dtype`."""
   config = load_config(directory)
   param_dtype = dtype if param_dtype is None else param_dtype
-  params = load_params(directory, config, param_dtype=param_dtype, mesh=mesh, rules=rules)
-  return backbones.model_class(config)(config, dtype=dtype, param_dtype=param_dtype), params
+  params = load_params(directory, config, param_dtype=param_dtype, mesh=mesh, rules=rules,
+                       scan_layers=scan_layers)
+  return backbones.model_class(config)(config, dtype=dtype, param_dtype=param_dtype,
+                                       scan_layers=scan_layers), params
 
 
 # ---------------------------------------------------------------------------------------------

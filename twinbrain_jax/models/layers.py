@@ -81,33 +81,109 @@ def layer_norm(eps: float = 1e-6, *, dtype: Dtype = jnp.float32,
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Masked scaled dot-product attention with grouped-query heads.
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          implementation: str | None = None) -> jax.Array:
+  """Masked scaled dot-product attention with grouped-query heads (`jax.nn.dot_product_attention`).
 
-  Query head `h` reads key/value head `h // (Hq // Hkv)` (HF's `repeat_kv` order). Logits and
-  softmax are computed in float32. A query row whose mask is all False returns zeros.
+  Query head `h` reads key/value head `h // (Hq // Hkv)` (HF's `repeat_kv` order); K/V are never
+  repeated (the XLA implementation groups the query heads instead). Logits and softmax are
+  computed in float32 (bf16 inputs use bf16 x bf16 -> f32 matmuls). A query row whose mask is
+  all False returns zeros.
 
   Args:
     q: [B, Lq, Hq, D] queries (RoPE already applied).
     k: [B, Lk, Hkv, D] keys (RoPE already applied).
     v: [B, Lk, Hkv, D] values.
     mask: [B, Lq, Lk] bool, True where query i may attend to key j.
+    implementation: `jax.nn.dot_product_attention`'s: None (XLA in this jax), "xla", or "cudnn"
+      (cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only).
 
   Returns:
     [B, Lq, Hq, D] in the dtype of `v`.
   """
-  batch, q_len, num_q_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
+  num_q_heads, num_kv_heads = q.shape[2], k.shape[2]
   if num_q_heads % num_kv_heads:
     raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads.")
-  groups = num_q_heads // num_kv_heads
-  q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q.astype(jnp.float32), k.astype(jnp.float32))
-  logits = logits * (head_dim ** -0.5)
-  mask = mask[:, None, None, :, :]  # [B, 1, 1, Lq, Lk]
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  # Fully masked rows (left padding) would be uniform over masked keys; make them zero.
-  probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
-  return out.reshape(batch, q_len, num_q_heads, head_dim)
+  dtype = v.dtype
+  q, k = q.astype(dtype), k.astype(dtype)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
+                                     implementation=implementation)
+  # Fully masked rows (left padding) would be uniform over the masked keys; make them zero.
+  return out * mask.any(axis=-1)[:, :, None, None].astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanned layer stacks.
+#
+# A stack of identical layers is one `nn.scan` over a layer module whose parameters carry a
+# leading `layers` axis: the step traces (and compiles) one layer instead of every layer. The
+# unrolled layout names the layers `{prefix}{i}`; these two functions convert between them.
+
+LAYERS_AXIS = "layers"
+
+
+def scan_layers(layer_cls: type[nn.Module], length: int, in_axes: Any,
+                remat_policy: Any = None, remat: bool = False,
+                static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """`layer_cls` scanned `length` times, its params stacked on a leading `layers` axis.
+
+  `layer_cls.__call__(carry, *args)` must return `(carry, per-layer output)`; `in_axes` says
+  per argument after the carry whether it is scanned (0) or shared (`nn.broadcast`). With
+  `remat`, each layer is recomputed in the backward pass, keeping what `remat_policy` allows.
+  """
+  if remat:
+    layer_cls = nn.remat(layer_cls, policy=remat_policy, prevent_cse=False,
+                         static_argnums=static_argnums)
+  return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                     "dropout": True},
+                 in_axes=in_axes, length=length,
+                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+
+
+def stack_layer_params(tree: Any, prefix: str, name: str) -> Any:
+  """Unrolled params `{..., f"{prefix}{i}": layer_i}` -> `{..., name: stacked}` (one level).
+
+  The layers must be numbered 0..n-1 with equal structures; leaves stack on a new axis 0.
+  """
+  tree = dict(tree)
+  count = 0
+  while f"{prefix}{count}" in tree:
+    count += 1
+  if not count:
+    raise KeyError(f"stack_layer_params: no {prefix}0 among {sorted(tree)}.")
+  layers = [tree.pop(f"{prefix}{i}") for i in range(count)]
+  tree[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return tree
+
+
+def unstack_layer_params(tree: Any, name: str, prefix: str) -> Any:
+  """The inverse of `stack_layer_params`: `{name: stacked}` -> `{f"{prefix}{i}": layer_i}`."""
+  tree = dict(tree)
+  stacked = tree.pop(name)
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(count):
+    tree[f"{prefix}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return tree
+
+
+def add_layer_addition(hidden: jax.Array, additions: jax.Array | None,
+                       layer_index: int | jax.Array) -> jax.Array:
+  """`hidden + additions[i]` after layer `i < K`, `hidden` after the others.
+
+  The per-layer additions are Qwen3-VL's DeepStack maps. `layer_index` is a Python int
+  (unrolled layers) or a traced `[]` int (scanned layers: the maps stay one broadcast operand and
+  the step picks map `min(i, K - 1)`, masked out from layer K on).
+
+  Args:
+    hidden: [B, L, E] the residual stream leaving layer `i`.
+    additions: [K, B, L, E] (zero away from the positions they feed), or None.
+    layer_index: the layer's index `i`.
+  """
+  if additions is None or additions.shape[0] == 0:
+    return hidden
+  count = additions.shape[0]
+  if isinstance(layer_index, int):
+    return hidden + additions[layer_index].astype(hidden.dtype) if layer_index < count else hidden
+  picked = jax.lax.dynamic_index_in_dim(additions, jnp.minimum(layer_index, count - 1),
+                                        keepdims=False)
+  return hidden + jnp.where(layer_index < count, picked, 0).astype(hidden.dtype)

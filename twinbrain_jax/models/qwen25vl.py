@@ -7,9 +7,10 @@ Reads top to bottom as the architecture:
   -> `Qwen25VL` (vision tower + image-feature merge + text model + lm head).
 
 Parameter trees mirror the Hugging Face names so that loading a checkpoint is a rename
-(`twinbrain_jax.models.hf_loading`): `model/embed_tokens/embedding`, `model/layers_{i}/
-{input_layernorm, self_attn/{q,k,v,o}_proj, post_attention_layernorm, mlp/{gate,up,down}_proj}`,
-`model/norm`, `lm_head`, `visual/...`.
+(`twinbrain_jax.models.hf_loading`): `model/embed_tokens/embedding`, `model/layers/
+{input_layernorm, self_attn/{q,k,v,o}_proj, post_attention_layernorm, mlp/{gate,up,down}_proj}`
+(every layer stacked on a leading `layers` axis, `nn.scan`; `model/layers_{i}/...` when
+unrolled, `scan_layers=False`), `model/norm`, `lm_head`, `visual/...`.
 
 Logical axes (sharding scheme, shared with the vision tower): projection kernels keep their head
 axes (einsum projections, `EinsumDense`): q `[embed, heads, kv]`, k/v `[embed, kv_heads, kv]`, o
@@ -36,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, RMSNorm, dense,
-                                         dot_product_attention)
+from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, RMSNorm, add_layer_addition,
+                                         dense, dot_product_attention, scan_layers)
 from twinbrain_jax.models.qwen25vl_vision import VisionConfig, VisionTower
 
 Dtype = Any
@@ -386,7 +387,8 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
 
   def __call__(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               cache: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
+               cache: LayerKV | None = None, layer_index: int | jax.Array = 0,
+               additions: jax.Array | None = None) -> tuple[jax.Array, LayerKV | None]:
     """One layer.
 
     Args:
@@ -394,6 +396,9 @@ class DecoderLayer(nn.Module):
       cos, sin: [B, L, D].
       mask: [B, L, L] without a cache; [B, L, S] over the cache slots with one.
       cache: this layer's `LayerKV`; the new keys/values are written at `cache.index`.
+      layer_index: this layer's index `i` (an int, or a traced `[]` int when scanned).
+      additions: [K, B, L, E] per-layer additions (Qwen3-VL's DeepStack maps) or None; the
+        layer adds `additions[i]` to its output when `i < K`.
 
     Returns:
       ([B, L, E], the updated cache or None).
@@ -402,7 +407,8 @@ class DecoderLayer(nn.Module):
     if cache is not None:
       cache = cache.update(k, v)
       k, v = cache.k, cache.v
-    return self.out(hidden, dot_product_attention(q, k, v, mask)), cache
+    hidden = self.out(hidden, dot_product_attention(q, k, v, mask))
+    return add_layer_addition(hidden, additions, layer_index), cache
 
 
 # Gradient checkpointing of each decoder layer: what the backward pass may keep.
@@ -421,14 +427,19 @@ def check_remat_policy(policy: str) -> None:
 class TextModel(nn.Module):
   """The Qwen2 language model: token embedding, decoder layers, final RMSNorm.
 
-  `remat_policy` (see `REMAT_POLICIES`) recomputes each layer's halves (`qkv`, `out`) in the
-  backward pass, also when AsyMoT drives them one by one. Subclasses change the layers through
-  `decoder_layer_cls` and the position encoding through `rotary`.
+  With `scan_layers` (the default) the decoder layers are one `nn.scan` over a `DecoderLayer`
+  whose params are stacked on a leading `layers` axis (`model/layers/...`, `[L, ...]`): the step
+  traces and compiles one layer. Otherwise they are unrolled (`model/layers_{i}/...`).
+  `remat_policy` (see `REMAT_POLICIES`) recomputes each layer in the backward pass; unrolled, it
+  applies to each layer's halves (`qkv`, `out`), also when AsyMoT drives them one by one.
+  Subclasses change the layers through `decoder_layer_cls` and the position encoding through
+  `rotary`.
   """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = True
   decoder_layer_cls = DecoderLayer  # Not a field: a subclass's choice.
 
   def setup(self):
@@ -438,12 +449,32 @@ class TextModel(nn.Module):
         c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw)
     check_remat_policy(self.remat_policy)
+    remat = self.remat_policy != "none"
     layer_cls = self.decoder_layer_cls
-    if self.remat_policy != "none":
-      layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
-                           methods=("qkv", "out"))
-    self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
+    if self.scan_layers:
+      # Carry: hidden. Shared: cos, sin, mask, the per-layer additions. Scanned: the per-layer
+      # cache (or None) and the layer index.
+      stack = scan_layers(layer_cls, c.num_hidden_layers,
+                          (nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+                          REMAT_POLICIES[self.remat_policy], remat)
+      self.layers = stack(c, **kw)
+    else:
+      if remat:
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
+                             methods=("qkv", "out"))
+      self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
+
+  def layer(self) -> DecoderLayer:
+    """An unbound `DecoderLayer` of this model's sizes and dtypes (for scanned params)."""
+    return self.decoder_layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  parent=None)
+
+  def stacked_layer_params(self) -> Any:
+    """The decoder layers' params stacked on a leading `layers` axis (scanned layout only)."""
+    if not self.scan_layers:
+      raise ValueError("stacked_layer_params needs scan_layers=True.")
+    return nn.unbox(self.layers.variables["params"])
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """[B, L] token ids -> [B, L, E] embeddings."""
@@ -453,6 +484,28 @@ class TextModel(nn.Module):
     """[3, B, L] positions -> cos, sin [B, L, D]."""
     c = self.config
     return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
+
+  def run_layers(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 layer_caches: Sequence[LayerKV] | None = None,
+                 additions: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[LayerKV, ...] | None]:
+    """All decoder layers: hidden [B, L, E] -> [B, L, E] (before the final norm).
+
+    `additions` [K, B, L, E] (or None) are added after layers 0 .. K-1 (`add_layer_addition`).
+    """
+    if self.scan_layers:
+      stacked = None if layer_caches is None else jax.tree.map(
+          lambda *xs: jnp.stack(xs), *layer_caches)
+      layer_index = jnp.arange(self.config.num_hidden_layers)
+      hidden, stacked = self.layers(hidden, cos, sin, mask, stacked, layer_index, additions)
+      if layer_caches is None:
+        return hidden, None
+      return hidden, tuple(jax.tree.map(lambda x, i=i: x[i], stacked)
+                           for i in range(len(layer_caches)))
+    caches = [None] * len(self.layers) if layer_caches is None else list(layer_caches)
+    for i, layer in enumerate(self.layers):
+      hidden, caches[i] = layer(hidden, cos, sin, mask, caches[i], i, additions)
+    return hidden, None if layer_caches is None else tuple(caches)
 
   def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
                attention_mask: jax.Array, cache: KVCache | None = None,
@@ -478,23 +531,17 @@ class TextModel(nn.Module):
     cos, sin = self.rotary(position_ids)
     if cache is None:
       mask = causal_padding_mask(attention_mask)
-      layer_caches = [None] * len(self.layers)
-    else:
-      start = cache.index
-      key_mask = jax.lax.dynamic_update_slice(
-          cache.key_mask, attention_mask.astype(bool), (0, start))
-      length, slots = hidden.shape[1], key_mask.shape[1]
-      # Query i sits at slot start + i; it sees valid slots up to its own.
-      causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(length))[:, None]
-      mask = causal[None] & key_mask[:, None, :]
-      layer_caches = list(cache.layers)
-    for i, layer in enumerate(self.layers):
-      hidden, layer_caches[i] = layer(hidden, cos, sin, mask, layer_caches[i])
-      if layer_additions is not None and i < layer_additions.shape[0]:
-        hidden = hidden + layer_additions[i].astype(hidden.dtype)
-    if cache is not None:
-      cache = KVCache(layers=tuple(layer_caches), key_mask=key_mask)
-    return self.norm(hidden), cache
+      hidden, _ = self.run_layers(hidden, cos, sin, mask, additions=layer_additions)
+      return self.norm(hidden), None
+    start = cache.index
+    key_mask = jax.lax.dynamic_update_slice(
+        cache.key_mask, attention_mask.astype(bool), (0, start))
+    length, slots = hidden.shape[1], key_mask.shape[1]
+    # Query i sits at slot start + i; it sees valid slots up to its own.
+    causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(length))[:, None]
+    mask = causal[None] & key_mask[:, None, :]
+    hidden, layer_caches = self.run_layers(hidden, cos, sin, mask, cache.layers, layer_additions)
+    return self.norm(hidden), KVCache(layers=layer_caches, key_mask=key_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,14 +690,16 @@ class Qwen25VL(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = True
   vision_tower_cls = VisionTower  # Not fields: a subclass's choice.
   text_model_cls = TextModel
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers)
     self.visual = self.vision_tower_cls(self.config.vision, remat=self.remat_policy != "none",
                                         **kw)
     self.model = self.text_model_cls(self.config.text, remat_policy=self.remat_policy, **kw)
+    kw.pop("scan_layers")
     if not self.config.text.tie_word_embeddings:
       self.lm_head = dense(self.config.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twinbrain_jax.models.layers import EinsumDense, RMSNorm, dense
+from twinbrain_jax.models.layers import EinsumDense, RMSNorm, dense, scan_layers
 
 Dtype = Any
 
@@ -236,6 +236,20 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # Modules.
 
 
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      segments: AttentionSegments) -> jax.Array:
+  """Attention within segments: q/k/v `[N, H, D]` -> `[N, H, D]`.
+
+  Packed tokens are gathered into padded segments `[S, L, H, D]`, padding keys are masked by
+  length, and the outputs are scattered back to the packed order.
+  """
+  heads, head_dim = q.shape[1:]
+  q, k, v = (nn.with_logical_constraint(a[segments.gather], ("batch", "length", "heads", "kv"))
+             for a in (q, k, v))
+  out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=segments.lengths)
+  return out.reshape(-1, heads, head_dim)[segments.scatter]
+
+
 class VisionAttention(nn.Module):
   """Multi-head self-attention within segments, with 2-D RoPE on q and k."""
   config: VisionConfig
@@ -243,8 +257,14 @@ class VisionAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, segments: AttentionSegments):
-    """x `[N, E]`, cos/sin `[N, D]` -> `[N, E]`."""
+  def __call__(self, x, cos, sin, windows: AttentionSegments, full: AttentionSegments,
+               is_full: bool | jax.Array):
+    """x `[N, E]`, cos/sin `[N, D]` -> `[N, E]`.
+
+    Attends within `full` (whole frames) when `is_full`, else within `windows`; `is_full` is a
+    Python bool (unrolled blocks) or a traced `[]` bool (scanned blocks: `lax.cond` runs one
+    branch).
+    """
     c = self.config
     heads, head_dim = c.num_heads, c.head_dim
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -252,12 +272,12 @@ class VisionAttention(nn.Module):
                       ("embed", None, "heads", "kv"), **kw, name="qkv")(x)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-    # Packed tokens -> padded segments [S, L, H, D]; padding keys are masked by length.
-    q, k, v = (nn.with_logical_constraint(a[segments.gather], ("batch", "length", "heads", "kv"))
-               for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=segments.lengths)
-    out = out.reshape(-1, heads, head_dim)[segments.scatter]  # [N, H, D]
+    attend_full = lambda q, k, v: segment_attention(q, k, v, full)  # noqa: E731
+    attend_windows = lambda q, k, v: segment_attention(q, k, v, windows)  # noqa: E731
+    if isinstance(is_full, (bool, np.bool_)):
+      out = (attend_full if is_full else attend_windows)(q, k, v)
+    else:
+      out = jax.lax.cond(is_full, attend_full, attend_windows, q, k, v)
     return EinsumDense("nhd,hde->ne", (heads, head_dim, c.hidden_size), ("heads", "kv", "embed"),
                        contracted=2, **kw, name="proj")(out)
 
@@ -280,19 +300,22 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
+  """RMSNorm -> attention -> RMSNorm -> SwiGLU, with residuals; in the scan form
+  `(x, is_full, ...) -> (x, None)`."""
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, segments: AttentionSegments):
-    """x `[N, E]` -> `[N, E]`."""
+  def __call__(self, x, is_full, cos, sin, windows: AttentionSegments,
+               full: AttentionSegments):
+    """x `[N, E]` -> (`[N, E]`, None); `is_full` picks the attention segments."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.config.rms_norm_eps
     x = x + VisionAttention(self.config, **kw, name="attn")(
-        RMSNorm(eps, **kw, name="norm1")(x), cos, sin, segments)
+        RMSNorm(eps, **kw, name="norm1")(x), cos, sin, windows, full, is_full)
     x = x + VisionMLP(self.config, **kw, name="mlp")(RMSNorm(eps, **kw, name="norm2")(x))
-    return nn.with_logical_constraint(x, ("batch", "embed"))
+    return nn.with_logical_constraint(x, ("batch", "embed")), None
 
 
 class PatchMerger(nn.Module):
@@ -318,11 +341,15 @@ class VisionTower(nn.Module):
 
   Attributes:
     remat: recompute each block's activations in the backward pass (gradient checkpointing).
+    scan_layers: the blocks are one `nn.scan` with params stacked on a leading `layers` axis
+      (`blocks/...`, `[depth, ...]`); windowed and full-attention blocks share the stack, a
+      per-block flag (scanned input) picks the attention segments. Otherwise `blocks_{i}`.
   """
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array, grid_thw: np.ndarray) -> jax.Array:
@@ -353,10 +380,15 @@ class VisionTower(nn.Module):
     x = dense(c.hidden_size, ("patch", "embed"), use_bias=False, name="patch_embed", **kw)(
                      pixel_values.astype(self.dtype))
     x = nn.with_logical_constraint(x, ("batch", "embed"))
-    block = nn.remat(VisionBlock) if self.remat else VisionBlock
-    for i in range(c.depth):
-      segments = full if i in c.fullatt_block_indexes else windows
-      x = block(c, **kw, name=f"blocks_{i}")(x, cos, sin, segments)
+    is_full = np.isin(np.arange(c.depth), c.fullatt_block_indexes)
+    if self.scan_layers:
+      # Scanned: the full-attention flag; shared: rotary tables and both segment plans.
+      stack = scan_layers(VisionBlock, c.depth, (0,) + (nn.broadcast,) * 4, remat=self.remat)
+      x, _ = stack(c, **kw, name="blocks")(x, jnp.asarray(is_full), cos, sin, windows, full)
+    else:
+      block = nn.remat(VisionBlock, static_argnums=(2,)) if self.remat else VisionBlock
+      for i in range(c.depth):
+        x, _ = block(c, **kw, name=f"blocks_{i}")(x, bool(is_full[i]), cos, sin, windows, full)
     return PatchMerger(c, **kw, name="merger")(x)
 
 
@@ -424,13 +456,15 @@ def attention_params_from_hf(load: Callable[[str], np.ndarray], prefix: str, con
   }
 
 
-def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig) -> dict:
+def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig,
+                          scan_layers: bool = True) -> dict:
   """The `VisionTower` param tree from HF tensors.
 
   Args:
     get: returns the torch-layout array of a HF vision tensor named relative to the vision
       prefix (e.g. `blocks.0.attn.qkv.weight`).
     config: the tower's config; every tensor's shape is checked against it.
+    scan_layers: the blocks stacked on a leading axis (`blocks`) or unrolled (`blocks_{i}`).
 
   Returns:
     A nested dict of arrays (unboxed), the `params` collection of `VisionTower`.
@@ -457,4 +491,13 @@ def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig
     }
   params["merger"] = {"ln_q": {"scale": load("merger.ln_q.weight")},
                       "mlp_0": linear("merger.mlp.0"), "mlp_2": linear("merger.mlp.2")}
+  return stacked_blocks(params, c.depth) if scan_layers else params
+
+
+def stacked_blocks(params: dict, depth: int) -> dict:
+  """Converted tower params with `blocks_{i}` (i < depth) stacked into `blocks` (numpy, on the
+  host: the scanned layout)."""
+  params = dict(params)
+  blocks = [params.pop(f"blocks_{i}") for i in range(depth)]
+  params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
   return params

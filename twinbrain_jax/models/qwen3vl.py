@@ -8,14 +8,17 @@ Reads top to bottom as the architecture:
 
 What is Qwen2.5-VL's is imported from `qwen25vl`: the layer split used by AsyMoT (`qkv` /
 `out`), the SwiGLU MLP, the KV cache, the causal padding mask, `get_rope_index` (Qwen3-VL places
-image tokens exactly as Qwen2.5-VL does) and the decoder loop, whose `layer_additions` carry the
-DeepStack maps: map k (from vision block `deepstack_visual_indexes[k]`, zero away from the image
-tokens) is added to the residual stream after decoder layer k, as HF's `_deepstack_process`.
+image tokens exactly as Qwen2.5-VL does) and the decoder stack (one `nn.scan` over the layers,
+or unrolled with `scan_layers=False`), whose `layer_additions` carry the DeepStack maps: map k
+(from vision block `deepstack_visual_indexes[k]`, zero away from the image tokens) is added to
+the residual stream after decoder layer k, as HF's `_deepstack_process`. Scanned, the K maps are
+one operand broadcast to every step and the scanned layer index picks map i while i < K.
 
-Parameter trees mirror the Hugging Face names: `model/embed_tokens`, `model/layers_{i}/
+Parameter trees mirror the Hugging Face names: `model/embed_tokens`, `model/layers/
 {input_layernorm, self_attn/{q,k,v,o}_proj, self_attn/{q,k}_norm, post_attention_layernorm,
-mlp/{gate,up,down}_proj}`, `model/norm`, `lm_head`, `visual/...` (`qwen3vl_vision`), with the
-logical axes of `qwen25vl` (q/k norm scales `[norm]`).
+mlp/{gate,up,down}_proj}` (stacked on a leading `layers` axis; `model/layers_{i}/...` when
+unrolled), `model/norm`, `lm_head`, `visual/...` (`qwen3vl_vision`), with the logical axes of
+`qwen25vl` (q/k norm scales `[norm]`).
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ checkpoint.
 
 Packing, patch order, attention segments and the attention module (qkv with bias, 2-D RoPE,
 output projection) are those of `qwen25vl_vision`, with one segment per frame (no windows). Parameter names mirror HF's
-(`patch_embed`, `pos_embed`, `blocks_{i}/{norm1, attn/{qkv, proj}, norm2, mlp/{linear_fc1,
+(`patch_embed`, `pos_embed`, `blocks/{norm1, attn/{qkv, proj}, norm2, mlp/{linear_fc1,
 linear_fc2}}`, `merger`, `deepstack_merger_list_{k}`) with the same logical axes as the
-Qwen2.5-VL tower; the position table is `[None, embed]`.
+Qwen2.5-VL tower; the position table is `[None, embed]`. With `scan_layers` (the default) the
+blocks are one `nn.scan` whose params are stacked on a leading `layers` axis (`blocks/...`);
+unrolled they are `blocks_{i}`.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twinbrain_jax.models.layers import dense, layer_norm
+from twinbrain_jax.models.layers import dense, layer_norm, scan_layers
 from twinbrain_jax.models.qwen25vl_vision import (AttentionSegments, VisionAttention,
                                                   attention_params_from_hf, attention_segments,
                                                   check_grid_thw, checked_getter, rotary_cos_sin,
-                                                  vision_positions)
+                                                  stacked_blocks, vision_positions)
 
 Dtype = Any
 
@@ -185,21 +187,49 @@ class VisionMLP(nn.Module):
     return dense(c.hidden_size, ("mlp", "embed"), name="linear_fc2", **kw)(hidden)
 
 
+def write_deepstack(deepstack: jax.Array, x: jax.Array, slot: int | jax.Array) -> jax.Array:
+  """`deepstack [K, N, E]` with `x [N, E]` written at `slot` when `slot >= 0` (else unchanged).
+
+  `slot` is a Python int (unrolled blocks) or a traced `[]` int (scanned blocks: one dynamic
+  update per block, writing back the kept map where the block feeds no DeepStack merger).
+  """
+  if deepstack.shape[0] == 0:
+    return deepstack
+  x = x.astype(deepstack.dtype)
+  if isinstance(slot, (int, np.integer)):
+    return deepstack.at[int(slot)].set(x) if slot >= 0 else deepstack
+  index = jnp.maximum(slot, 0)
+  kept = jax.lax.dynamic_index_in_dim(deepstack, index, keepdims=False)
+  return jax.lax.dynamic_update_index_in_dim(deepstack, jnp.where(slot >= 0, x, kept), index, 0)
+
+
 class VisionBlock(nn.Module):
-  """LayerNorm -> attention -> LayerNorm -> MLP, with residuals."""
+  """LayerNorm -> attention over the frame -> LayerNorm -> MLP, with residuals; the block's
+  output is also kept in the DeepStack maps when the block feeds one.
+
+  In the scan form `((x, deepstack), slot, ...) -> ((x, deepstack), None)`.
+  """
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, segments: AttentionSegments):
-    """x `[N, E]` -> `[N, E]`."""
+  def __call__(self, carry: tuple[jax.Array, jax.Array], deepstack_slot: int | jax.Array,
+               cos: jax.Array, sin: jax.Array, frames: AttentionSegments):
+    """carry (x `[N, E]`, deepstack `[K, N, E]`) -> (the new carry, None).
+
+    `deepstack_slot` is `k` when this block is `deepstack_visual_indexes[k]`, else -1.
+    """
+    x, deepstack = carry
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x + VisionAttention(self.config, **kw, name="attn")(
-        layer_norm(LAYER_NORM_EPS, **kw, name="norm1")(x), cos, sin, segments)
+        layer_norm(LAYER_NORM_EPS, **kw, name="norm1")(x), cos, sin, frames, frames, True)
     x = x + VisionMLP(self.config, **kw, name="mlp")(
         layer_norm(LAYER_NORM_EPS, **kw, name="norm2")(x))
-    return nn.with_logical_constraint(x, ("batch", "embed"))
+    x = nn.with_logical_constraint(x, ("batch", "embed"))
+    deepstack = nn.with_logical_constraint(write_deepstack(deepstack, x, deepstack_slot),
+                                           (None, "batch", "embed"))
+    return (x, deepstack), None
 
 
 class PatchMerger(nn.Module):
@@ -235,11 +265,15 @@ class VisionTower(nn.Module):
 
   Attributes:
     remat: recompute each block's activations in the backward pass (gradient checkpointing).
+    scan_layers: the blocks are one `nn.scan` with params stacked on a leading `layers` axis
+      (`blocks/...`, `[depth, ...]`); the outputs of the DeepStack blocks are collected in the
+      scan's carry (`[K, N, E]`) and go through their mergers after it. Otherwise `blocks_{i}`.
   """
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array, grid_thw: np.ndarray
@@ -279,19 +313,26 @@ class VisionTower(nn.Module):
     positions = (table(jnp.asarray(indices)) * jnp.asarray(weights)[:, :, None]).sum(axis=1)
     x = nn.with_logical_constraint(x + positions.astype(x.dtype), ("batch", "embed"))
 
-    block = nn.remat(VisionBlock) if self.remat else VisionBlock
-    deepstack = []
-    for i in range(c.depth):
-      x = block(c, **kw, name=f"blocks_{i}")(x, cos, sin, frames)
-      if i in c.deepstack_visual_indexes:
-        k = c.deepstack_visual_indexes.index(i)
-        deepstack.append(PatchMerger(c, norm_after_merge=True, **kw,
-                                     name=f"deepstack_merger_list_{k}")(x))
+    # Block i writes its output to DeepStack slot k when it is deepstack_visual_indexes[k].
+    slots = np.full(c.depth, -1, np.int32)
+    slots[list(c.deepstack_visual_indexes)] = np.arange(len(c.deepstack_visual_indexes))
+    carry = (x, jnp.zeros((len(c.deepstack_visual_indexes), *x.shape), x.dtype))
+    if self.scan_layers:
+      # Scanned: the DeepStack slot; shared: rotary tables and the per-frame segments.
+      stack = scan_layers(VisionBlock, c.depth, (0,) + (nn.broadcast,) * 3, remat=self.remat)
+      carry, _ = stack(c, **kw, name="blocks")(carry, jnp.asarray(slots), cos, sin, frames)
+    else:
+      block = nn.remat(VisionBlock, static_argnums=(2,)) if self.remat else VisionBlock
+      for i in range(c.depth):
+        carry, _ = block(c, **kw, name=f"blocks_{i}")(carry, int(slots[i]), cos, sin, frames)
+    x, deepstack = carry
     features = PatchMerger(c, **kw, name="merger")(x)
-    if not deepstack:
-      return features, jnp.zeros((0, *features.shape), features.dtype)
     # In block order, as HF collects them: map k feeds decoder layer k.
-    return features, jnp.stack(deepstack)
+    maps = [PatchMerger(c, norm_after_merge=True, **kw, name=f"deepstack_merger_list_{k}")(
+        deepstack[k]) for k in range(deepstack.shape[0])]
+    if not maps:
+      return features, jnp.zeros((0, *features.shape), features.dtype)
+    return features, jnp.stack(maps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,9 +374,10 @@ def hf_vision_weight_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig) -> dict:
-  """The Qwen3-VL `VisionTower` param tree (unboxed) from HF tensors; arguments and errors as
-  `qwen25vl_vision.vision_params_from_hf`."""
+def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig,
+                          scan_layers: bool = True) -> dict:
+  """The Qwen3-VL `VisionTower` param tree (unboxed) from HF tensors; arguments, the
+  `scan_layers` layout and errors as `qwen25vl_vision.vision_params_from_hf`."""
   c = config
   e = c.hidden_size
   load = checked_getter(get, hf_vision_weight_shapes(c))
@@ -365,4 +407,4 @@ def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig
   params["merger"] = merger("merger.")
   for k in range(len(c.deepstack_visual_indexes)):
     params[f"deepstack_merger_list_{k}"] = merger(f"deepstack_merger_list.{k}.")
-  return params
+  return stacked_blocks(params, c.depth) if scan_layers else params

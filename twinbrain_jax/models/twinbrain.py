@@ -37,8 +37,9 @@ import numpy as np
 from twinbrain_jax import flow_matching
 from twinbrain_jax.models import asymot
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, EmbodimentMLP,
-                                      action_expert_flops)
+                                      action_expert_flops, scanned_expert_params)
 from twinbrain_jax.models import backbones
+from twinbrain_jax.models.layers import stack_layer_params
 from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, get_rope_index
 from twinbrain_jax.models.tokenizer import left_pad
 
@@ -76,6 +77,7 @@ class TwinBrainConfig:
   param_dtype: str = "float32"
   left_param_dtype: str = "bfloat16"
   remat_policy: str = "none"
+  scan_layers: bool = True
   # The prompts `inputs.ModelInputs` builds for this model.
   prompt_sides: ClassVar[tuple[str, ...]] = ("left", "right")
 
@@ -107,6 +109,8 @@ class TwinBrainConfig:
     backbone = backbones.config_from_dict(items.pop("backbone"))
     expert = dict(items.pop("action_expert").items())
     expert.setdefault("context_dim", backbone.text.hidden_size)
+    # One switch for the whole model: the expert's blocks scan like the brains' layers.
+    expert.setdefault("scan_layers", items.get("scan_layers", True))
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(items) - fields)
     if unknown:
@@ -142,9 +146,10 @@ class TwinBrainVLA(nn.Module):
     dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
     vlm = backbones.model_class(c.backbone)
     if c.variant == "twinbrain":  # Frozen: forward only, so no remat.
-      self.left = vlm(c.backbone, dtype=dtype, param_dtype=_dtype(c.left_param_dtype))
+      self.left = vlm(c.backbone, dtype=dtype, param_dtype=_dtype(c.left_param_dtype),
+                      scan_layers=c.scan_layers)
     self.right = vlm(c.backbone, dtype=dtype, param_dtype=param_dtype,
-                     remat_policy=c.remat_policy)
+                     remat_policy=c.remat_policy, scan_layers=c.scan_layers)
     self.state_encoder = EmbodimentMLP(
         c.state_hidden_dim, c.backbone.text.hidden_size, num_embodiments=c.num_embodiments,
         axes=("state", "mlp", "embed"), dtype=dtype, param_dtype=param_dtype)
@@ -175,10 +180,23 @@ class TwinBrainVLA(nn.Module):
     left_text = self.left.model
     left, additions_left = self.left.embed_multimodal(obs["left_input_ids"], pixels,
                                                       image_grid_thw)  # [B, Ll, E]
+    left = left.astype(right.dtype)
+    rope_left = left_text.rotary(obs["left_position_ids"])
     masks = asymot.joint_masks(obs["left_attention_mask"], obs["right_attention_mask"], c.mask_mode)
-    hidden_left, hidden_right = asymot.asymot_forward(
-        left_text.layers, right_text.layers, left.astype(right.dtype), right,
-        left_text.rotary(obs["left_position_ids"]), rope_right, masks, additions_left,
+    if not c.scan_layers:
+      hidden_left, hidden_right = asymot.asymot_forward(
+          left_text.layers, right_text.layers, left, right, rope_left, rope_right, masks,
+          additions_left, additions_right)
+      return left_text.norm(hidden_left), right_text.norm(hidden_right)
+    if self.is_initializing():
+      # Creates both stacks' params (the joint scan below reads them as stacked arrays).
+      left_len = left.shape[1]
+      left_text.run_layers(left, *rope_left, masks.left[..., :left_len])
+      right_text.run_layers(right, *rope_right, masks.right[..., left_len:])
+    hidden_left, hidden_right = asymot.asymot_scan(
+        left_text.layer(), right_text.layer(), left_text.stacked_layer_params(),
+        right_text.stacked_layer_params(), left, right, rope_left, rope_right, masks,
+        REMAT_POLICIES[c.remat_policy], c.remat_policy != "none", additions_left,
         additions_right)
     return left_text.norm(hidden_left), right_text.norm(hidden_right)
 
@@ -293,6 +311,24 @@ def init_right_from_left(left_params: Any, config: TwinBrainConfig, num_real_tok
   new_ids = jnp.array([config.action_token_id, config.propri_token_id])
   right["model"]["embed_tokens"]["embedding"] = table.at[new_ids].set(mean)
   return right
+
+
+def scanned_params_from_unrolled(params: Mapping[str, Any], config: TwinBrainConfig
+                                 ) -> dict[str, Any]:
+  """The params of an unrolled model (`scan_layers=False`) in the scanned layout.
+
+  Brains: `model/layers_{i}` -> `model/layers`, `visual/blocks_{i}` -> `visual/blocks`; the
+  expert as `dit.scanned_expert_params`.
+  """
+  out = dict(params)
+  for brain in ("left", "right"):
+    if brain in out:
+      tree = dict(out[brain])
+      tree["model"] = stack_layer_params(tree["model"], "layers_", "layers")
+      tree["visual"] = stack_layer_params(tree["visual"], "blocks_", "blocks")
+      out[brain] = tree
+  out["action_expert"] = scanned_expert_params(out["action_expert"], config.action_expert)
+  return out
 
 
 def synthetic_observation(config: TwinBrainConfig, text_lengths: Sequence[int] = (5, 9),

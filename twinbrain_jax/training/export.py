@@ -79,6 +79,14 @@ class Bundle:
   tokenizer: QwenTokenizer
 
 
+def _with_stored_layout(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A TwinBrain config written before layers were scanned has no `model.scan_layers`: its
+  params are unrolled. Returns `config.model`."""
+  if families.family(config) == "twinbrain" and "scan_layers" not in config.model:
+    config.model.scan_layers = False
+  return config.model
+
+
 def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) -> Bundle:
   """Loads a bundle written by `export_bundle` onto the default device.
 
@@ -93,7 +101,7 @@ def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) 
       raise FileNotFoundError(f"{directory} is not an inference bundle: {name} is missing. "
                               "Write one with scripts/export.py.")
   config = ml_collections.ConfigDict(json.loads((directory / CONFIG_FILE).read_text()))
-  model_block = config.model
+  model_block = _with_stored_layout(config)
   stored = config.export.dtype
   model_block.param_dtype = stored
   if "left_param_dtype" in model_block:
@@ -148,6 +156,7 @@ def restore_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = Non
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.logical_axis_rules(config.logical_axis_rules, mesh)
+  _with_stored_layout(config)
   model = families.build_model(families.model_config(config))
   tx = optimizer_lib.make_optimizer(config.train,
                                     families.TRAINABLE_GROUPS[families.family(config)])
@@ -187,6 +196,7 @@ def bundle_from_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None =
   params in their training dtypes on the default device."""
   params, config_json, norm_stats = restore_checkpoint(checkpoint_dir, step)
   config = ml_collections.ConfigDict(config_json)
+  _with_stored_layout(config)
   if compute_dtype is not None:
     config.model.dtype = compute_dtype
   tokenizer = QwenTokenizer.from_file(_run_tokenizer_dir(config_json, tokenizer_dir))

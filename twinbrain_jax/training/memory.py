@@ -8,6 +8,7 @@ compilation of the real train step (`jit(...).lower(abstract...).compile().memor
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import flax.linen as nn
 import jax
@@ -38,6 +39,8 @@ class MemoryPlan:
   argument_bytes: int | None
   output_bytes: int | None
   alias_bytes: int | None  # donated inputs reused as outputs
+  lower_seconds: float | None = None  # tracing + lowering of the step
+  compile_seconds: float | None = None  # XLA compilation of the lowered step
 
   @property
   def total_bytes(self) -> int:
@@ -89,7 +92,7 @@ def memory_plan(config: ml_collections.ConfigDict, batch_size: int | None = None
   tx = optimizer_lib.make_optimizer(config.train)
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
   params = state_lib.tree_bytes_per_device(abstract.params)
-  temp = argument = output = alias = None
+  temp = argument = output = alias = lower_seconds = compile_seconds = None
   if compile_step:
     batch, grid = abstract_batch(config, batch_size, mesh)
     step = step_lib.make_train_step(model, tx, grid, config.flow.num_repeats,
@@ -97,7 +100,11 @@ def memory_plan(config: ml_collections.ConfigDict, batch_size: int | None = None
     jitted = step_lib.jit_train_step(step, shardings, {k: v.sharding for k, v in batch.items()},
                                      mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      compiled = jitted.lower(abstract, batch).compile()
+      start = time.perf_counter()
+      lowered = jitted.lower(abstract, batch)
+      lower_seconds = time.perf_counter() - start
+      compiled = lowered.compile()
+      compile_seconds = time.perf_counter() - start - lower_seconds
     analysis = compiled.memory_analysis()
     temp, argument = int(analysis.temp_size_in_bytes), int(analysis.argument_size_in_bytes)
     output, alias = int(analysis.output_size_in_bytes), int(analysis.alias_size_in_bytes)
@@ -108,4 +115,63 @@ def memory_plan(config: ml_collections.ConfigDict, batch_size: int | None = None
       frozen_bytes=state_lib.tree_bytes_per_device(abstract.frozen),
       optimizer_bytes=state_lib.tree_bytes_per_device(abstract.opt_state),
       gradient_bytes=params, temp_bytes=temp, argument_bytes=argument, output_bytes=output,
-      alias_bytes=alias)
+      alias_bytes=alias, lower_seconds=lower_seconds, compile_seconds=compile_seconds)
+
+
+def largest_fitting_batch(config: ml_collections.ConfigDict, budget_bytes: int,
+                          max_per_device: int = 4096, log=print) -> tuple[MemoryPlan, MemoryPlan]:
+  """The largest global batch whose compiled step fits `budget_bytes` per device.
+
+  Every figure comes from a compiled step. Batches are multiples of the data-parallel size
+  (times `grad_accum_steps`). The search compiles per-device batches 1 and 2, extrapolates the
+  line through batch 1 and the largest fitting batch until one does not fit, then narrows
+  [largest that fits, smallest that does not] by secant and bisection steps in turn until the
+  two are adjacent.
+
+  Returns:
+    (the plan of the largest fitting batch, the plan of the next batch, which does not fit).
+
+  Raises:
+    ValueError: not even a batch of one sample per data-parallel device fits.
+  """
+  mesh_size = sharding_lib.data_parallel_size(sharding_lib.make_mesh(config.mesh))
+  step = mesh_size * int(config.train.grad_accum_steps)
+  plans: dict[int, MemoryPlan] = {}
+
+  def plan(per_device: int) -> MemoryPlan:
+    if per_device not in plans:
+      plans[per_device] = memory_plan(config, per_device * step)
+      log(f"  batch {per_device * step}: {plans[per_device].total_bytes / 2**30:.2f} GiB "
+          f"per device (compile {plans[per_device].compile_seconds:.0f} s)")
+    return plans[per_device]
+
+  def secant(a: int, b: int) -> int:
+    """Where the line through the plans of per-device batches a < b reaches the budget."""
+    slope = max((plan(b).total_bytes - plan(a).total_bytes) / (b - a), 1.0)
+    return a + int((budget_bytes - plan(a).total_bytes) // slope)
+
+  if plan(1).total_bytes > budget_bytes:
+    raise ValueError(f"Even a batch of {step} (1 per data-parallel device) needs "
+                     f"{plan(1).total_bytes / 2**30:.1f} GiB per device > the budget "
+                     f"{budget_bytes / 2**30:.1f} GiB; use more devices or remat.")
+  fits, too_big, guess, bisect, probed = 1, max_per_device + 1, 2, False, False
+  while too_big - fits > 1:
+    if plan(guess).total_bytes <= budget_bytes:
+      fits = guess
+    else:
+      too_big = guess
+    # Secant through the bracket's ends (through batch 1 before a batch too big is known),
+    # alternating with bisection so that the bracket at least halves every two compiles.
+    if too_big > max_per_device:
+      # The line's last batch, else one more; if that one fit too, the line is no guide.
+      line = secant(1, fits)
+      if line > fits:
+        guess, probed = line, False
+      else:
+        guess, probed = (2 * fits, False) if probed else (fits + 1, True)
+    else:
+      guess = (fits + too_big) // 2 if bisect else secant(fits, too_big)
+      bisect = not bisect
+    if not fits < guess < too_big:
+      guess = (fits + too_big) // 2
+  return plan(fits), plan(too_big)

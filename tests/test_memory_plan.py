@@ -1,0 +1,41 @@
+"""The memory plan's search for the largest batch that fits (with stand-in compiled plans)."""
+
+import dataclasses
+
+import ml_collections
+import pytest
+
+from twinbrain_jax.training import memory
+
+
+@dataclasses.dataclass
+class _Plan:
+  batch_size: int
+  total_bytes: int
+  compile_seconds: float = 0.0
+
+
+@pytest.mark.parametrize("bytes_per_device_batch", [
+    lambda b: 10 + 3 * b,  # linear
+    lambda b: 10 + b + b * b // 40,  # grows faster than the line through batches 1 and 2
+    lambda b: 70 + b // 20,  # nearly flat (full remat)
+])
+def test_largest_fitting_batch_is_exact(monkeypatch, bytes_per_device_batch):
+  config = ml_collections.ConfigDict(dict(
+      mesh=dict(data=-1, fsdp=1, tensor=1), train=dict(grad_accum_steps=1)))
+  compiled = []
+
+  def fake_plan(config, batch_size):
+    compiled.append(batch_size)
+    return _Plan(batch_size, bytes_per_device_batch(batch_size // 8))
+
+  monkeypatch.setattr(memory, "memory_plan", fake_plan)
+  budget = 200
+  fits, too_big = memory.largest_fitting_batch(config, budget, log=lambda _: None)
+  per_device = max(b for b in range(1, 5000) if bytes_per_device_batch(b) <= budget)
+  assert fits.batch_size == 8 * per_device and fits.total_bytes <= budget
+  assert too_big.batch_size == 8 * (per_device + 1) and too_big.total_bytes > budget
+  # Each batch compiled once; logarithmic in the range even for a step-like curve.
+  assert len(compiled) == len(set(compiled)) <= 30, compiled
+  if bytes_per_device_batch(3) - bytes_per_device_batch(2) == 3:  # Linear: the line is exact.
+    assert len(compiled) == 4, compiled
