@@ -18,6 +18,7 @@ from tests.fixtures_backbone import (make_tiny_qwen3vl_hf_model,  # noqa: F401  
 from twinbrain_jax import sharding
 from twinbrain_jax.models import backbones, hf_loading, qwen3vl, qwen25vl
 from twinbrain_jax.models.backbone_presets import backbone_preset
+from twinbrain_jax.models.layers import stack_layer_params
 from twinbrain_jax.models.image_processor import preprocess_images, processor_settings
 
 torch = pytest.importorskip("torch")
@@ -167,6 +168,30 @@ def test_multimodal_parity_deepstack_left_padding(hf_model, flax_model):
   assert _max_err(hidden, ref_hidden, valid) > 100 * PARITY_TOL
 
 
+def test_unrolled_layout_matches_hf_and_the_scan(hf_model, flax_model, tiny_qwen3vl_checkpoint):
+  """`scan_layers=False` (`layers_{i}`, `blocks_{i}`; DeepStack added by the Python loop) loads
+  the same tensors as the scanned layout (stacked) and gives the same outputs."""
+  model, params = flax_model
+  unrolled_params = hf_loading.load_params(tiny_qwen3vl_checkpoint, scan_layers=False)
+  assert "layers_2" in unrolled_params["model"] and "blocks_2" in unrolled_params["visual"]
+  stacked = dict(unrolled_params,
+                 model=stack_layer_params(unrolled_params["model"], "layers_", "layers"),
+                 visual=stack_layer_params(unrolled_params["visual"], "blocks_", "blocks"))
+  jax.tree.map(np.testing.assert_array_equal, stacked, params)
+  unrolled = qwen3vl.Qwen3VL(model.config, scan_layers=False)
+  ids, mask, pixel_values, grid = multimodal_batch(model.config)
+  positions, _ = qwen3vl.get_rope_index(ids, grid, mask, model.config)
+  run = lambda m, p: jax.jit(lambda p: m.apply(  # noqa: E731
+      {"params": p}, ids, mask, pixel_values, grid, positions))(p)
+  out, scanned_out = run(unrolled, unrolled_params), run(model, params)
+  ref_logits, ref_hidden = _hf_forward(hf_model, ids, mask, model.config, pixel_values, grid)
+  valid = mask.astype(bool)
+  assert _max_err(out["hidden_states"], ref_hidden, valid) < PARITY_TOL
+  assert _max_err(out["logits"], ref_logits, valid) < PARITY_TOL
+  # fp32; the layouts differ only in XLA's fusion and summation order.
+  assert _max_err(out["hidden_states"], scanned_out["hidden_states"], valid) < 1e-5
+
+
 def test_kv_cache_prefill_then_decode_equals_full_forward(flax_model):
   """Prefill the prompt (with images and DeepStack) then feed 2 tokens one at a time."""
   model, params = flax_model
@@ -250,3 +275,10 @@ def test_every_parameter_has_known_logical_axes():
     boxed = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
                             or hasattr(x, "names"))
     assert all(hasattr(leaf, "names") for leaf in boxed), "a parameter has no logical axes"
+    # Scanned: decoder layers and vision blocks stacked on a leading `layers` axis.
+    attention = abstract["model"]["layers"]["self_attn"]
+    assert attention["q_norm"]["scale"].names == ("layers", "norm")
+    assert attention["q_proj"]["kernel"].names == ("layers", "embed", "heads", "kv")
+    assert abstract["visual"]["blocks"]["attn"]["qkv"]["kernel"].names[0] == "layers"
+    assert abstract["visual"]["deepstack_merger_list_0"]["linear_fc1"]["kernel"].names == (
+        "embed", "mlp")

@@ -272,9 +272,10 @@ def test_remat_gives_the_same_loss_and_gradients(tiny, policy):
       lambda p: compute_loss(m, p, batch, grid, jax.random.key(0), num_repeats=2)))(params)
   (loss, grads), (remat_loss, remat_grads) = grad(model), grad(remat_model)
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-  # fp32: recomputation may fuse differently (entries of ~3 differ by ~1 ulp).
+  # fp32: recomputation may fuse differently (entries of ~3 differ by ~1 ulp; with Qwen3-VL the
+  # <|action|> embedding row, a sum over 16 query positions, moves by up to 1.5e-6).
   for a, b in zip(jax.tree.leaves(grads["right"]), jax.tree.leaves(remat_grads["right"])):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)

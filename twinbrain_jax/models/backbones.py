@@ -7,8 +7,10 @@
     qwen25vl    qwen2_5_vl    Qwen25VLConfig    Qwen25VL  qwen25vl_vision.vision_params_from_hf
     qwen3vl     qwen3_vl      Qwen3VLConfig     Qwen3VL   qwen3vl_vision.vision_params_from_hf
 
-Both models have the same interface (`embed_multimodal`, `model.layers` with `qkv`/`out`,
-`model.rotary`, `logits`), so TwinBrain, the data pipeline and the loaders are family-agnostic.
+Both models have the same interface (`embed_multimodal`, `model.rotary`, `model.run_layers`,
+the decoder layer's `qkv`/`out` halves reached through `model.layer()` +
+`model.stacked_layer_params()` when scanned or `model.layers` when unrolled, `logits`), so
+TwinBrain, the data pipeline and the loaders are family-agnostic.
 """
 
 from __future__ import annotations

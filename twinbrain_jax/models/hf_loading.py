@@ -278,7 +278,7 @@ def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig |
     param_dtype: dtype of the returned parameters (e.g. jnp.float32 or jnp.bfloat16).
     mesh, rules: when given, every parameter is created directly with the `NamedSharding` its
       logical axes map to under `rules`; otherwise on the default device.
-    scan_layers: the layout of `Qwen25VL(scan_layers=...)`: per-layer tensors stacked on a
+    scan_layers: the layout of `Qwen25VL` / `Qwen3VL(scan_layers=...)`: per-layer tensors stacked on a
       leading `layers` axis (`model/layers`, `visual/blocks`), or unrolled.
 
   Returns:
