@@ -30,6 +30,9 @@ _PRESETS = flags.DEFINE_list("presets", ["tiny", "small"], "Presets of configs/t
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (median reported).")
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 4, "Train batch size.")
 _TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 24, "Instruction tokens per prompt.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype (model.dtype); parameters stay fp32.")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "Scanned (True) or unrolled layer stacks.")
 
 IMAGE_GRID = (1, 16, 16)  # 224 x 224 pixels.
 
@@ -62,7 +65,9 @@ def sample_actions_recomputing_brains(model, params, obs, grid, rng, num_steps):
 def bench_preset(preset, repeats):
   config_dict = twinbrain_configs.get_config(preset)
   model_cd = config_dict.model
-  model_cd.left_param_dtype = "float32"  # fp32 throughout, as the benchmark specifies
+  model_cd.left_param_dtype = "float32"  # fp32 parameters throughout, as the benchmark specifies
+  model_cd.dtype = _DTYPE.value
+  model_cd.scan_layers = _SCAN.value
   model_cd.action_expert.dropout = 0.0
   model_cd.state_dim = model_cd.action_expert.state_dim = 7  # the benchmark's state width
   config = TwinBrainConfig.from_config_dict(model_cd)
@@ -117,8 +122,9 @@ def bench_preset(preset, repeats):
 def main(argv):
   del argv
   rows = [bench_preset(p, _REPEATS.value) for p in _PRESETS.value]
-  print(f"\nTwinBrainVLA on {jax.devices()[0].platform} ({jax.device_count()} device(s)), fp32, "
-        f"train batch {_TRAIN_BATCH.value}, inference batch 1, median of {_REPEATS.value} runs\n")
+  print(f"\nTwinBrainVLA on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
+        f"compute {_DTYPE.value}, fp32 parameters, {'scanned' if _SCAN.value else 'unrolled'} "
+        f"layers, train batch {_TRAIN_BATCH.value}, inference batch 1, median of {_REPEATS.value} runs\n")
   header = ("| preset | params (M) | train step (ms) | compile (s) | GFLOP/step | GFLOP/s | "
             "chunk, cached (ms) | compile (s) | chunk, brains per step (ms) | compile (s) | "
             "speed-up |")

@@ -25,7 +25,8 @@ def test_largest_fitting_batch_is_exact(monkeypatch, bytes_per_device_batch):
       mesh=dict(data=-1, fsdp=1, tensor=1), train=dict(grad_accum_steps=1)))
   compiled = []
 
-  def fake_plan(config, batch_size):
+  def fake_plan(config, batch_size, fast_cpu_compile):
+    assert fast_cpu_compile
     compiled.append(batch_size)
     return _Plan(batch_size, bytes_per_device_batch(batch_size // 8))
 
@@ -39,3 +40,24 @@ def test_largest_fitting_batch_is_exact(monkeypatch, bytes_per_device_batch):
   assert len(compiled) == len(set(compiled)) <= 30, compiled
   if bytes_per_device_batch(3) - bytes_per_device_batch(2) == 3:  # Linear: the line is exact.
     assert len(compiled) == 4, compiled
+
+
+def test_compiled_plan_of_the_tiny_step():
+  """The real path: abstract state + AOT-compiled step on an FSDP mesh of 8 fake devices. The
+  plan-only compile (no LLVM optimisation) reports the same bytes as the default compile."""
+  from fixtures_training import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config((1, 8, 1))
+  fast = memory.memory_plan(config, batch_size=16)
+  full = memory.memory_plan(config, batch_size=16, fast_cpu_compile=False)
+  for name in ("temp_bytes", "argument_bytes", "output_bytes", "alias_bytes", "total_bytes"):
+    assert getattr(fast, name) == getattr(full, name), name
+  resident = fast.params_bytes + fast.frozen_bytes + fast.optimizer_bytes
+  # The donated state comes back as the step's output, in the same buffers.
+  assert fast.alias_bytes >= resident > 0
+  assert fast.argument_bytes > resident  # The state and the batch.
+  assert fast.total_bytes == (fast.argument_bytes + fast.output_bytes - fast.alias_bytes
+                              + fast.temp_bytes)
+  assert fast.temp_bytes > 0 and fast.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  # FSDP over 8 devices: each device holds about an eighth of the trainable parameters.
+  assert fast.params_bytes * 8 >= fast.trainable_params * 4
+  assert fast.params_bytes * 8 < fast.trainable_params * 4 * 1.5

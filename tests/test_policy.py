@@ -140,3 +140,9 @@ def test_load_names_what_it_expected(tmp_path):
     Policy.load(tmp_path)
   with pytest.raises(FileNotFoundError, match="not a directory"):
     Policy.load(tmp_path / "missing")
+
+
+def test_libra_runtime_options_on_a_twinbrain_bundle_are_named(tiny_policy_dirs):
+  with pytest.raises(ValueError,
+                     match=r"TwinBrain policy; the Libra-VLA runtime options \(mode;.*leave them out"):
+    Policy.load(tiny_policy_dirs.bundle_dir, mode="async")

@@ -190,6 +190,11 @@ class Policy:
     if isinstance(bundle.model, libra.LibraVLA):
       from twinbrain_jax.serving.libra import LibraPolicy  # It builds on this module.
       return LibraPolicy(bundle, **kwargs)
+    libra_only = sorted(set(kwargs) & {"mode", "blend_steps"})
+    if libra_only:
+      raise ValueError(f"{path} holds a {bundle.model.config.variant} TwinBrain policy; the "
+                       f"Libra-VLA runtime options ({', '.join(libra_only)}; --libra_mode in the "
+                       "scripts) do not apply to it: leave them out.")
     return cls(bundle, **kwargs)
 
   @property
