@@ -35,10 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from twinbrain_jax import flow_matching
-from twinbrain_jax.models import asymot
+from twinbrain_jax.models import asymot, backbones
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, EmbodimentMLP,
                                       action_expert_flops, scanned_expert_params)
-from twinbrain_jax.models import backbones
 from twinbrain_jax.models.layers import stack_layer_params
 from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, get_rope_index
 from twinbrain_jax.models.tokenizer import left_pad
