@@ -47,8 +47,55 @@ _HF_VISION_DEFAULTS = dict(
     out_hidden_size=3584, fullatt_block_indexes=(7, 15, 23, 31))
 
 
+class VisionSizes:
+  """What the Qwen2.5-VL and Qwen3-VL vision configs share (a mixin of their dataclasses, which
+  hold `hidden_size`, `num_heads`, `in_channels`, `temporal_patch_size`, `patch_size`)."""
+
+  def check_heads(self) -> None:
+    """Raises ValueError unless the heads split the width and suit the 2-D rotary embedding."""
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"vision hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    if self.head_dim % 4:
+      raise ValueError(f"vision head_dim={self.head_dim} must be a multiple of 4 for the 2-D "
+                       "rotary embedding (a quarter of it per axis, cos and sin halves).")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    """Length of one flattened input patch, `C * T * p * p`."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+  @classmethod
+  def from_config_dict(cls, cd: Mapping[str, Any]):
+    """From `config.model.backbone.vision` (a ConfigDict or dict with this class's fields)."""
+    cd = dict(cd)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cd) - names)
+    if unknown:
+      raise ValueError(f"Unknown vision config field(s) {unknown} for {cls.__module__}."
+                       f"{cls.__name__}; known: {sorted(names)}.")
+    return cls(**cd)
+
+
+def check_packed_patches(pixel_values: jax.Array, grid_thw: Any, config: VisionSizes
+                         ) -> np.ndarray:
+  """The validated `grid_thw` (`check_grid_thw`); raises ValueError unless `pixel_values` is
+  `[N, C*T*p*p]` with N the grids' total patch count."""
+  grid = check_grid_thw(grid_thw, config.spatial_merge_size)
+  num_tokens = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+  if pixel_values.ndim != 2 or pixel_values.shape != (num_tokens, config.patch_dim):
+    raise ValueError(
+        f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid.tolist()} "
+        f"with patch_dim C*T*p*p={config.patch_dim} needs ({num_tokens}, {config.patch_dim}).")
+  return grid
+
+
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionSizes):
   """Sizes of the vision tower; field names follow the HF `vision_config`."""
   depth: int
   hidden_size: int
@@ -68,12 +115,7 @@ class VisionConfig:
   def __post_init__(self):
     object.__setattr__(self, "fullatt_block_indexes",
                        tuple(int(i) for i in self.fullatt_block_indexes))
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"vision hidden_size={self.hidden_size} is not divisible by "
-                       f"num_heads={self.num_heads}.")
-    if self.head_dim % 4:
-      raise ValueError(f"vision head_dim={self.head_dim} must be a multiple of 4 for the 2-D "
-                       "rotary embedding (a quarter of it per axis, cos and sin halves).")
+    self.check_heads()
     if self.window_size % (self.patch_size * self.spatial_merge_size):
       raise ValueError(
           f"vision window_size={self.window_size} must be a multiple of patch_size * "
@@ -86,28 +128,9 @@ class VisionConfig:
                        "uses 'silu'.")
 
   @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
-  def patch_dim(self) -> int:
-    """Length of one flattened input patch, `C * T * p * p`."""
-    return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-  @property
   def window_merge_units(self) -> int:
     """Side of an attention window in merged units (112 px / 14 px / 2 = 4)."""
     return self.window_size // self.spatial_merge_size // self.patch_size
-
-  @classmethod
-  def from_config_dict(cls, cd: Mapping[str, Any]) -> VisionConfig:
-    """From `config.model.backbone.vision` (a ConfigDict or dict with this class's fields)."""
-    cd = dict(cd)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cd) - names)
-    if unknown:
-      raise ValueError(f"Unknown vision config field(s) {unknown}; known: {sorted(names)}.")
-    return cls(**cd)
 
   @classmethod
   def from_hf(cls, d: Mapping[str, Any]) -> VisionConfig:
@@ -364,12 +387,7 @@ class VisionTower(nn.Module):
       `[N // merge**2, out_hidden_size]` merged tokens, image by image in input order.
     """
     c = self.config
-    grid = check_grid_thw(grid_thw, c.spatial_merge_size)
-    num_tokens = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
-    if pixel_values.ndim != 2 or pixel_values.shape != (num_tokens, c.patch_dim):
-      raise ValueError(
-          f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid.tolist()} "
-          f"with patch_dim C*T*p*p={c.patch_dim} needs ({num_tokens}, {c.patch_dim}).")
+    grid = check_packed_patches(pixel_values, grid_thw, c)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     full, windows = (
         AttentionSegments(*map(jnp.asarray, attention_segments(grid, c.spatial_merge_size, units)))

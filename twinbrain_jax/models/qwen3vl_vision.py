@@ -35,8 +35,9 @@ import numpy as np
 
 from twinbrain_jax.models.layers import dense, layer_norm, scan_layers
 from twinbrain_jax.models.qwen25vl_vision import (AttentionSegments, VisionAttention,
-                                                  attention_params_from_hf, attention_segments,
-                                                  check_grid_thw, checked_getter, rotary_cos_sin,
+                                                  VisionSizes, attention_params_from_hf,
+                                                  attention_segments, check_packed_patches,
+                                                  checked_getter, rotary_cos_sin,
                                                   stacked_blocks, vision_positions)
 
 Dtype = Any
@@ -54,7 +55,7 @@ LAYER_NORM_EPS = 1e-6  # Fixed in HF's Qwen3-VL vision blocks and mergers.
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionSizes):
   """Sizes of the Qwen3-VL vision tower; field names follow the HF `vision_config`."""
   depth: int
   hidden_size: int
@@ -73,12 +74,7 @@ class VisionConfig:
   def __post_init__(self):
     object.__setattr__(self, "deepstack_visual_indexes",
                        tuple(int(i) for i in self.deepstack_visual_indexes))
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"vision hidden_size={self.hidden_size} is not divisible by "
-                       f"num_heads={self.num_heads}.")
-    if self.head_dim % 4:
-      raise ValueError(f"vision head_dim={self.head_dim} must be a multiple of 4 for the 2-D "
-                       "rotary embedding (a quarter of it per axis, cos and sin halves).")
+    self.check_heads()
     side = math.isqrt(self.num_position_embeddings)
     if side * side != self.num_position_embeddings or side < 2:
       raise ValueError(f"vision num_position_embeddings={self.num_position_embeddings} must be a "
@@ -92,29 +88,9 @@ class VisionConfig:
                        f"{sorted(_GELU_APPROXIMATE)}.")
 
   @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
-  def patch_dim(self) -> int:
-    """Length of one flattened input patch, `C * T * p * p`."""
-    return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-  @property
   def num_grid_per_side(self) -> int:
     """Side of the learned position grid."""
     return math.isqrt(self.num_position_embeddings)
-
-  @classmethod
-  def from_config_dict(cls, cd: Mapping[str, Any]) -> VisionConfig:
-    """From `config.model.backbone.vision` (a ConfigDict or dict with this class's fields)."""
-    cd = dict(cd)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cd) - names)
-    if unknown:
-      raise ValueError(f"Unknown Qwen3-VL vision config field(s) {unknown}; known: "
-                       f"{sorted(names)}.")
-    return cls(**cd)
 
   @classmethod
   def from_hf(cls, d: Mapping[str, Any]) -> VisionConfig:
@@ -292,12 +268,7 @@ class VisionTower(nn.Module):
       be 0).
     """
     c = self.config
-    grid = check_grid_thw(grid_thw, c.spatial_merge_size)
-    num_tokens = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
-    if pixel_values.ndim != 2 or pixel_values.shape != (num_tokens, c.patch_dim):
-      raise ValueError(
-          f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid.tolist()} "
-          f"with patch_dim C*T*p*p={c.patch_dim} needs ({num_tokens}, {c.patch_dim}).")
+    grid = check_packed_patches(pixel_values, grid_thw, c)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     frames = AttentionSegments(*map(jnp.asarray,
                                     attention_segments(grid, c.spatial_merge_size, None)))
