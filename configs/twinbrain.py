@@ -1,6 +1,8 @@
 """TwinBrainVLA configs. Use as `--config=configs/twinbrain.py:<preset>`.
 
-Presets: `tiny` (tests, demo), `small` (benchmarks), `qwen25vl_3b`, `qwen25vl_7b`, and the
+Presets: `tiny` (tests, demo), `small` (benchmarks), `qwen25vl_3b`, `qwen25vl_7b`, the Qwen3-VL
+backbone (`model.backbone.family="qwen3vl"`, DeepStack in both brains) as `qwen3vl_tiny`
+(tests) and `qwen3vl_4b` (the paper's best TwinBrainVLA, Qwen3-VL-4B-Instruct), and the
 Meta-World MT10 closed-loop runs (docs/metaworld.md), CPU-trainable: `metaworld_tiny`
 (TwinBrain), `metaworld_tiny_monolithic` (one VLM, no left brain) and `metaworld_tiny_blind`
 (TwinBrain trained and evaluated with every instruction replaced by "").
@@ -34,8 +36,10 @@ LOGICAL_AXIS_RULES = (
 )
 
 # `<|action|>` / `<|propri|>` ids of the right tokenizer: unused rows of each embedding table.
-_SPECIAL_TOKEN_IDS = dict(tiny=(496, 497), small=(4086, 4087), **{"3b": (151665, 151666),
-                                                                  "7b": (151665, 151666)})
+# Qwen3-VL's tokenizer uses ids up to 151668 (<think>, </think>).
+_SPECIAL_TOKEN_IDS = dict(tiny=(496, 497), small=(4086, 4087), qwen3vl_tiny=(496, 497),
+                          qwen3vl_4b=(151669, 151670),
+                          **{"3b": (151665, 151666), "7b": (151665, 151666)})
 
 
 def _base(backbone: str) -> ml_collections.ConfigDict:
@@ -54,7 +58,8 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   c.model.backbone = backbone_preset(backbone)
   c.data = default_data_config()
   c.data.state_dim = 8  # bridge 7 / fractal 8, zero-padded to the model's state width
-  c.data.pad_to_multiple = 28
+  vision = c.model.backbone.vision
+  c.data.pad_to_multiple = vision.patch_size * vision.spatial_merge_size  # 28, or 32 (Qwen3-VL)
   # Pipeline batch -> model batch (twinbrain_jax/inputs.py): fixed, left-padded prompt lengths.
   c.inputs = ml_collections.ConfigDict(dict(max_left_tokens=128, max_right_tokens=160))
   m = c.model
@@ -82,7 +87,8 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   # chunk every replan_steps, CogACT adaptive ensembling (horizon 7, alpha 0.1 on WidowX).
   c.execution = ml_collections.ConfigDict(dict(
       replan_steps=1, ensemble="adaptive", horizon=7, temporal_k=0.01, adaptive_alpha=0.1))
-  # Initial weights: left and right brains from one HF Qwen2.5-VL dir (None = random init);
+  # Initial weights: left and right brains from one HF Qwen2.5-VL / Qwen3-VL dir (None = random
+  # init);
   # the tokenizer dir defaults to the checkpoint's.
   c.init = ml_collections.ConfigDict(dict(
       hf_checkpoint=config_dict.placeholder(str), tokenizer=config_dict.placeholder(str)))
@@ -105,9 +111,10 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _tiny():
-  c = _base("tiny")
-  c.data.image_size = (112, 112)  # 16 merged image tokens keep the demo fast
+def _tiny(backbone: str = "tiny"):
+  c = _base(backbone)
+  # 16 merged image tokens keep the demo fast (patch 14 or 16, merge 2).
+  c.data.image_size = (128, 128) if backbone == "qwen3vl_tiny" else (112, 112)
   c.inputs.update(max_left_tokens=96, max_right_tokens=128)
   c.model.state_hidden_dim = 32
   c.model.action_expert.update(num_layers=2, num_heads=2, head_dim=16, num_future_tokens=4,
@@ -185,7 +192,18 @@ def _qwen25vl_7b():
   return c
 
 
+def _qwen3vl_tiny():
+  return _tiny("qwen3vl_tiny")
+
+
+def _qwen3vl_4b():
+  c = _base("qwen3vl_4b")
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  return c
+
+
 PRESETS = dict(tiny=_tiny, small=_small, qwen25vl_3b=_qwen25vl_3b, qwen25vl_7b=_qwen25vl_7b,
+               qwen3vl_tiny=_qwen3vl_tiny, qwen3vl_4b=_qwen3vl_4b,
                metaworld_tiny=_metaworld_tiny, metaworld_demo=_metaworld_demo,
                metaworld_tiny_monolithic=_metaworld_tiny_monolithic,
                metaworld_tiny_blind=_metaworld_tiny_blind)

@@ -1,13 +1,17 @@
-"""Forward latency of the Flax Qwen2.5-VL vs the HF PyTorch reference on the `small` preset (CPU).
+"""Forward latency of the Flax backbone vs the HF PyTorch reference at a `small` size (CPU).
 
-  python scripts/bench_backbone.py [--batch_sizes=1,4] [--runs=20] [--warmup=3]
+  python scripts/bench_backbone.py [--preset=small|qwen3vl_small] [--batch_sizes=1,4] [--runs=20]
+
+`--preset` picks the family: `small` is Qwen2.5-VL, `qwen3vl_small` Qwen3-VL (with DeepStack),
+against `Qwen2_5_VLForConditionalGeneration` / `Qwen3VLForConditionalGeneration`.
 
 Both models hold the same random weights (the PyTorch model is saved with `save_pretrained` and
-loaded by `hf_loading`); inputs are one 224x224 image per sample (64 merged image tokens) in the
-Qwen chat template around a 12-word instruction. Per batch size it prints the median (and min)
+loaded by `hf_loading`); inputs are one 224x224 image per sample (64 merged image tokens for
+Qwen2.5-VL's patch 14, 49 for Qwen3-VL's patch 16) in the Qwen chat template around a 12-word instruction. Per batch size it prints the median (and min)
 of `runs` timed forwards after `warmup` untimed ones, the two models alternating run by run so
 that both see the same background load, the Flax compile time (reported apart), the ratio, and
-the max |logit difference| as a sanity check; the table also goes into docs/benchmarks.md.
+the max |logit difference| as a sanity check; the table also goes into docs/benchmarks.md (one
+section per preset).
 
 The Flax time covers the host-side `get_rope_index` and the jitted forward until the logits are
 ready; the PyTorch time covers `model(...)` under `torch.no_grad()` (which computes the rope
@@ -25,11 +29,15 @@ import numpy as np
 from absl import flags
 
 from twinbrain_jax import cli
-from twinbrain_jax.models import hf_loading, qwen25vl
+from twinbrain_jax.models import backbones, hf_loading, qwen25vl
 from twinbrain_jax.models.backbone_presets import backbone_preset
-from twinbrain_jax.models.image_processor import preprocess_images
+from twinbrain_jax.models.image_processor import preprocess_images, processor_settings
 
-_PRESET = flags.DEFINE_string("preset", "small", "Backbone preset.")
+_PRESET = flags.DEFINE_string("preset", "small", "Backbone preset (small: Qwen2.5-VL, "
+                              "qwen3vl_small: Qwen3-VL).")
+# Family -> the transformers (config, model) class names of the reference.
+_HF_CLASSES = dict(qwen25vl=("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+                   qwen3vl=("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"))
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to time.")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed forwards per setting (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed forwards before timing.")
@@ -44,7 +52,9 @@ _TEMPLATE_TOKENS = 9
 def _inputs(config, batch_size, rng):
   """Left-aligned prompts (no padding needed: all samples have the same length)."""
   images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch_size)]
-  pixel_values, grid = preprocess_images(images)
+  settings = dict(processor_settings(config.family), min_pixels=224 * 224,
+                  max_pixels=224 * 224)
+  pixel_values, grid = preprocess_images(images, **settings)
   num_image = int(np.prod(grid[0])) // config.vision.spatial_merge_size ** 2
   # One token per word plus a few sub-word pieces, as a BPE would give for a short instruction.
   num_text = _INSTRUCTION_WORDS + 4
@@ -74,10 +84,15 @@ def _time_interleaved(fns, runs, warmup):
   return [(statistics.median(t), min(t)) for t in times]
 
 
-def _write_docs(path, header, rows, context):
-  marker_start, marker_end = "<!-- bench_backbone:start -->", "<!-- bench_backbone:end -->"
+def _write_docs(path, header, rows, context, preset):
+  # The Qwen2.5-VL `small` section keeps its original markers.
+  tag = "bench_backbone" if preset == "small" else f"bench_backbone_{preset}"
+  marker_start, marker_end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+  title = "## Backbone forward latency (`scripts/bench_backbone.py`)"
+  if preset != "small":
+    title = f"## Backbone forward latency, `{preset}` (`scripts/bench_backbone.py --preset={preset}`)"
   section = "\n".join([
-      marker_start, "## Backbone forward latency (`scripts/bench_backbone.py`)", "", context, "",
+      marker_start, title, "", context, "",
       "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
       *("| " + " | ".join(r) + " |" for r in rows), marker_end])
   path = pathlib.Path(path)
@@ -96,10 +111,10 @@ def main(argv):
   import torch  # The reference; a test-only dependency.
   import transformers
 
-  config = qwen25vl.Qwen25VLConfig.from_config_dict(backbone_preset(_PRESET.value))
+  config = backbones.config_from_dict(backbone_preset(_PRESET.value))
+  config_class, model_class = (getattr(transformers, name) for name in _HF_CLASSES[config.family])
   torch.manual_seed(0)
-  hf_model = transformers.Qwen2_5_VLForConditionalGeneration(
-      transformers.Qwen2_5_VLConfig(**hf_loading.hf_config_kwargs(config))).float().eval()
+  hf_model = model_class(config_class(**hf_loading.hf_config_kwargs(config))).float().eval()
   with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp)
     model, params = hf_loading.load_pretrained(tmp)
@@ -109,7 +124,7 @@ def main(argv):
             "PyTorch min ms", "Flax compile s", "max logit diff"]
   rows = []
   load_before = os.getloadavg()[0]
-  print(f"preset {_PRESET.value}, CPU ({os.cpu_count()} cores, load {load_before:.1f}), torch "
+  print(f"preset {_PRESET.value} ({config.family}), CPU ({os.cpu_count()} cores, load {load_before:.1f}), torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}")
   print(" ".join(header))
   for batch_size in map(int, _BATCH_SIZES.value):
@@ -146,8 +161,13 @@ def main(argv):
     print(" ".join(f"{v:>{len(h)}s}" for v, h in zip(row, header)))
 
   if _DOCS.value:
+    t, v = config.text, config.vision
+    deepstack = (f", DeepStack after {len(v.deepstack_visual_indexes)} decoder layers"
+                 if config.family == "qwen3vl" else "")
     context = (
-        f"Preset `{_PRESET.value}` (text 512 x 8 layers, vision 256 x 4 blocks), fp32, CPU "
+        f"Preset `{_PRESET.value}` ({config.family}: text {t.hidden_size} x "
+        f"{t.num_hidden_layers} layers, vision {v.hidden_size} x {v.depth} blocks{deepstack}), "
+        "fp32, CPU "
         f"({os.cpu_count()} cores; torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads, jax {jax.__version__}). One 224x224 image per sample ({num_image} merged "
         f"image tokens) and a {_INSTRUCTION_WORDS}-word instruction in the chat template. "
@@ -156,7 +176,7 @@ def main(argv):
         "Ratio of medians; > 1: Flax is faster. 1-minute load "
         f"average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after the run (a load "
         "above the core count means other processes shared the CPU and the times are noisy).")
-    _write_docs(_DOCS.value, header, rows, context)
+    _write_docs(_DOCS.value, header, rows, context, _PRESET.value)
     print(f"wrote {_DOCS.value}")
 
 

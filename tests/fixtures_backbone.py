@@ -1,4 +1,4 @@
-"""A tiny random Hugging Face Qwen2.5-VL checkpoint for parity tests (built offline, no download).
+"""Tiny random Hugging Face Qwen2.5-VL / Qwen3-VL checkpoints for parity tests (built offline).
 
 The HF config mirrors `backbone_presets.backbone_preset("tiny")`: spatial merge 2, window 112 px
 (4x4 merged units per window) and one full-attention vision block, so windows, merger and full
@@ -65,13 +65,36 @@ def make_tiny_hf_model(seed: int = 0, tie_word_embeddings: bool = True, preset: 
   torch.manual_seed(seed)
   model = transformers.Qwen2_5_VLForConditionalGeneration(
       tiny_hf_config(tie_word_embeddings, preset))
+  return _perturb_norms_and_biases(model).float().eval()
+
+
+def _perturb_norms_and_biases(model):
+  """Re-draws norm weights around one and biases around zero (HF initialises them to exactly
+  one / zero), so that a wrong mapping of any of them shows up in the parity tests."""
+  import torch
+
   with torch.no_grad():
     for name, param in model.named_parameters():
       if name.endswith("bias"):
         param.copy_(0.1 * torch.randn_like(param))
       elif "norm" in name or "ln_q" in name:
         param.copy_(1.0 + 0.1 * torch.randn_like(param))
-  return model.float().eval()
+  return model
+
+
+def make_tiny_qwen3vl_hf_model(seed: int = 0, preset: str = "qwen3vl_tiny"):
+  """A randomly initialised fp32 `Qwen3VLForConditionalGeneration` (eval mode) with the sizes
+  of `backbone_preset(preset)`; norms and biases re-drawn as for Qwen2.5-VL."""
+  import torch
+  import transformers
+
+  from twinbrain_jax.models import qwen3vl
+
+  config = qwen3vl.Qwen3VLConfig.from_config_dict(backbone_preset(preset))
+  torch.manual_seed(seed)
+  model = transformers.Qwen3VLForConditionalGeneration(
+      transformers.Qwen3VLConfig(**qwen3vl.hf_config_kwargs(config)))
+  return _perturb_norms_and_biases(model).float().eval()
 
 
 def make_tiny_hf_checkpoint(path, seed: int = 0, tie_word_embeddings: bool = True,
@@ -92,3 +115,12 @@ def tiny_hf_checkpoint(tmp_path_factory) -> pathlib.Path:
   """Directory of a tiny random tied-embedding Qwen2.5-VL checkpoint (seed 0), built once."""
   pytest.importorskip("transformers")
   return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_qwen25vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_checkpoint(tmp_path_factory) -> pathlib.Path:
+  """Directory of a tiny random tied-embedding Qwen3-VL checkpoint (seed 0), built once."""
+  pytest.importorskip("transformers")
+  path = tmp_path_factory.mktemp("tiny_qwen3vl")
+  make_tiny_qwen3vl_hf_model(seed=0).save_pretrained(path)
+  return path

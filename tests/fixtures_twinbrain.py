@@ -11,9 +11,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
 import twinbrain as twinbrain_configs  # noqa: E402  (configs/ is not a package)
 
 
-def tiny_config(**overrides) -> TwinBrainConfig:
-  """`configs/twinbrain.py:tiny`'s model, fp32 everywhere unless overridden."""
-  model = twinbrain_configs.get_config("tiny").model
+# The tiny presets of both backbone families.
+TINY_PRESETS = ("tiny", "qwen3vl_tiny")
+
+
+def tiny_config(preset: str = "tiny", **overrides) -> TwinBrainConfig:
+  """`configs/twinbrain.py:<preset>`'s model (`tiny`: Qwen2.5-VL, `qwen3vl_tiny`: Qwen3-VL),
+  fp32 everywhere unless overridden."""
+  model = twinbrain_configs.get_config(preset).model
   model.left_param_dtype = "float32"
   model.update(overrides)
   return TwinBrainConfig.from_config_dict(model)

@@ -9,6 +9,7 @@ import pytest
 import processes
 from twinbrain_jax import sharding
 from twinbrain_jax.config_lib import ConfigError
+from twinbrain_jax.models.twinbrain import TwinBrainConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -23,8 +24,12 @@ def test_presets_build_and_name_known_mesh_axes(preset):
   rules = sharding.logical_axis_rules(config.logical_axis_rules)
   assert {"batch", "embed", "mlp", "heads", "kv", "vocab", "length"} <= {n for n, _ in rules}
   text = config.model.backbone.text
-  head_dim = text.hidden_size // text.num_attention_heads
+  head_dim = text.get("head_dim", text.hidden_size // text.num_attention_heads)
   assert sum(text.mrope_section) * 2 == head_dim
+  model = TwinBrainConfig.from_config_dict(config.model)
+  assert model.backbone.family == config.model.backbone.family
+  vision = config.model.backbone.vision
+  assert config.data.pad_to_multiple == vision.patch_size * vision.spatial_merge_size
 
 
 def test_unknown_preset_lists_the_known_ones():

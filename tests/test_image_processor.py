@@ -97,3 +97,27 @@ def test_grayscale_matches_rgb_copy():
 def test_bad_images_raise(images, match):
   with pytest.raises(ValueError, match=match):
     image_processor.preprocess_images(images)
+
+
+def test_qwen3vl_settings_equal_hf_qwen3vl_processor():
+  """Qwen3-VL: HF's Qwen2VL processor with the released Qwen3-VL preprocessor_config.json."""
+  settings = image_processor.processor_settings("qwen3vl")
+  images = _random_images([(300, 420), (180, 500), (2000, 1500)], seed=4)
+  pixel_values, grid = image_processor.preprocess_images(images, **settings)
+  ref_pixel_values, ref_grid = _hf(
+      images, patch_size=16, temporal_patch_size=2, merge_size=2,
+      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+      size={"shortest_edge": 65536, "longest_edge": 16777216})
+  np.testing.assert_array_equal(grid, ref_grid)
+  assert pixel_values.shape == ref_pixel_values.shape
+  assert pixel_values.shape[1] == 3 * 2 * 16 * 16
+  assert (grid[:, 1:] // 2 >= 4).all()
+  np.testing.assert_array_equal(pixel_values, ref_pixel_values)
+  # Sides snap to multiples of 32 and the area respects the 256x256 lower limit.
+  assert (grid[:, 1] * grid[:, 2] * 16 * 16 >= 256 * 256).all()
+  assert pixel_values.min() >= -1.0 and pixel_values.max() <= 1.0
+
+
+def test_unknown_family_names_the_choices():
+  with pytest.raises(ValueError, match="qwen25vl"):
+    image_processor.processor_settings("qwen4")

@@ -6,7 +6,7 @@ import pytest
 
 from fixtures_twinbrain import tiny_config
 from twinbrain_jax.inputs import RIGHT_PROMPT, ModelInputs
-from twinbrain_jax.models.image_processor import preprocess_images
+from twinbrain_jax.models.image_processor import preprocess_images, processor_settings
 from twinbrain_jax.models.qwen25vl import get_rope_index
 from twinbrain_jax.models.tokenizer import (IM_START, IMAGE_PAD, VISION_END, VISION_START,
                                             write_synthetic_tokenizer)
@@ -95,3 +95,25 @@ def test_bad_batches_are_clear_errors(inputs):
     inputs(dict(batch, instruction=np.array(["put the spoon on the towel " * 20] * 2)))
   with pytest.raises(ValueError, match="must be multiples of 28"):
     ModelInputs(inputs.config, inputs.tokenizer, 96, 128, image_size=(100, 100))
+
+
+def test_qwen3vl_inputs_use_its_processor_and_run(tmp_path):
+  """Qwen3-VL: patch 16 (128 px -> 8x8 patches, 16 image tokens), mean/std 0.5, DeepStack."""
+  config = tiny_config("qwen3vl_tiny")
+  tok = write_synthetic_tokenizer(
+      tmp_path, config.backbone, INSTRUCTIONS * 20 + [RIGHT_PROMPT] * 20,
+      reserved_ids=(config.action_token_id, config.propri_token_id))
+  inputs = ModelInputs(config, tok, max_left_tokens=96, max_right_tokens=128,
+                       image_size=(128, 128))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+  batch = inputs(dict(_pipeline_batch(), image=images))
+  grid = inputs.image_grid_thw(2)
+  np.testing.assert_array_equal(grid, [[1, 8, 8], [1, 8, 8]])
+  settings = dict(processor_settings("qwen3vl"), min_pixels=128 * 128, max_pixels=128 * 128)
+  expected_pixels, expected_grid = preprocess_images(list(images), **settings)
+  np.testing.assert_array_equal(expected_grid, grid)
+  np.testing.assert_array_equal(batch["pixel_values"], expected_pixels)
+  assert (batch["left_input_ids"] == config.backbone.image_token_id).sum() == 2 * 16
+  with pytest.raises(ValueError, match="multiples of 32"):
+    ModelInputs(config, tok, max_left_tokens=96, max_right_tokens=128, image_size=(112, 112))

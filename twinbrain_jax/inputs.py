@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from twinbrain_jax.data import transforms
-from twinbrain_jax.models.image_processor import preprocess_images
+from twinbrain_jax.models.image_processor import preprocess_images, processor_settings
 from twinbrain_jax.models.libra import LibraConfig
 from twinbrain_jax.models.qwen25vl import get_rope_index
 from twinbrain_jax.models.tokenizer import QwenTokenizer, left_pad, num_image_tokens
@@ -41,7 +41,8 @@ class ModelInputs:
     config: the model config (token ids, number of action queries, state width).
     tokenizer: the checkpoint's tokenizer.
     max_left_tokens, max_right_tokens: fixed prompt lengths (left padding).
-    image_size: (H, W) the pipeline delivers; multiples of 28 so images are not resized again.
+    image_size: (H, W) the pipeline delivers; multiples of patch x merge (28 for Qwen2.5-VL, 32
+      for Qwen3-VL) so images are not resized again.
   """
   config: TwinBrainConfig
   tokenizer: QwenTokenizer
@@ -73,8 +74,14 @@ class ModelInputs:
     if images.ndim != 4 or tuple(images.shape[1:3]) != tuple(self.image_size):
       raise ValueError(f"Expected images [B, {self.image_size[0]}, {self.image_size[1]}, 3]; got "
                        f"{images.shape}. Set data.image_size to the model's image size.")
+    vision = self.config.backbone.vision
     side = self.image_size[0] * self.image_size[1]
-    pixels, _ = preprocess_images(list(images), min_pixels=side, max_pixels=side)
+    # The family's normalisation; sizes from the model's vision config.
+    settings = dict(processor_settings(self.config.backbone.family), min_pixels=side,
+                    max_pixels=side, patch_size=vision.patch_size,
+                    temporal_patch_size=vision.temporal_patch_size,
+                    merge_size=vision.spatial_merge_size)
+    pixels, _ = preprocess_images(list(images), **settings)
     return pixels
 
   def prompts(self, instructions: Sequence[Any]) -> dict[str, np.ndarray]:

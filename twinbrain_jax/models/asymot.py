@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from twinbrain_jax.models.layers import add_layer_addition
 from twinbrain_jax.models.qwen25vl import (DecoderLayer, causal_padding_mask,
                                            dot_product_attention)
 
@@ -118,21 +119,30 @@ def _own_first_to_other_first(mask: jax.Array, own_len: int) -> jax.Array:
 def asymot_forward(left_layers: Sequence[DecoderLayer], right_layers: Sequence[DecoderLayer],
                    hidden_left: jax.Array, hidden_right: jax.Array,
                    rope_left: tuple[jax.Array, jax.Array], rope_right: tuple[jax.Array, jax.Array],
-                   masks: JointMasks) -> tuple[jax.Array, jax.Array]:
-  """Runs all layers of both brains jointly; returns the streams before the final norms."""
+                   masks: JointMasks, additions_left: jax.Array | None = None,
+                   additions_right: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Runs all layers of both brains jointly; returns the streams before the final norms.
+
+  `additions_left` [K, B, Ll, E] / `additions_right` [K, B, Lr, E] (Qwen3-VL's DeepStack maps
+  of each brain's own vision tower, or None) are added to that brain's stream after layers
+  0 .. K-1, as its `TextModel` does when run alone.
+  """
   if len(left_layers) != len(right_layers):
     raise ValueError(f"AsyMoT needs brains of equal depth: left has {len(left_layers)} layers, "
                      f"right has {len(right_layers)}.")
-  for left, right in zip(left_layers, right_layers):
+  for i, (left, right) in enumerate(zip(left_layers, right_layers)):
     hidden_left, hidden_right = asymot_layer(left, right, hidden_left, hidden_right, rope_left,
                                              rope_right, masks)
+    hidden_left = add_layer_addition(hidden_left, additions_left, i)
+    hidden_right = add_layer_addition(hidden_right, additions_right, i)
   return hidden_left, hidden_right
 
 
 def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right_params: Any,
                 hidden_left: jax.Array, hidden_right: jax.Array,
                 rope_left: tuple[jax.Array, jax.Array], rope_right: tuple[jax.Array, jax.Array],
-                masks: JointMasks, remat_policy: Any = None, remat: bool = False
+                masks: JointMasks, remat_policy: Any = None, remat: bool = False,
+                additions_left: jax.Array | None = None, additions_right: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array]:
   """All layers of both brains as one `lax.scan`: step i reads layer i of both stacks.
 
@@ -142,6 +152,8 @@ def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right
       (the left one may be stored in another dtype, e.g. bf16).
     hidden_left, hidden_right, rope_left, rope_right, masks: as `asymot_forward`.
     remat_policy, remat: recompute each joint layer in the backward pass (`jax.checkpoint`).
+    additions_left, additions_right: as `asymot_forward`; broadcast to every step, step i adds
+      map i of each brain's own stream while i < K (the scanned layer index picks it).
 
   Returns:
     The streams before the final norms.
@@ -149,13 +161,18 @@ def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right
   depth = {jax.tree.leaves(p)[0].shape[0] for p in (left_params, right_params)}
   if len(depth) != 1:
     raise ValueError(f"AsyMoT needs brains of equal depth; the stacks have {sorted(depth)} layers.")
+  (num_layers,) = depth
 
-  def step(carry, layer_params):
-    left_i = left.bind({"params": layer_params[0]})
-    right_i = right.bind({"params": layer_params[1]})
-    return asymot_layer(left_i, right_i, *carry, rope_left, rope_right, masks), None
+  def step(carry, xs):
+    left_params_i, right_params_i, index = xs
+    left_i = left.bind({"params": left_params_i})
+    right_i = right.bind({"params": right_params_i})
+    hidden_left, hidden_right = asymot_layer(left_i, right_i, *carry, rope_left, rope_right, masks)
+    return (add_layer_addition(hidden_left, additions_left, index),
+            add_layer_addition(hidden_right, additions_right, index)), None
 
   if remat:
     step = jax.checkpoint(step, policy=remat_policy, prevent_cse=False)
-  carry, _ = jax.lax.scan(step, (hidden_left, hidden_right), (left_params, right_params))
+  carry, _ = jax.lax.scan(step, (hidden_left, hidden_right),
+                          (left_params, right_params, jnp.arange(num_layers)))
   return carry

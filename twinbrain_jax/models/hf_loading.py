@@ -1,9 +1,12 @@
-"""Loads a local Hugging Face Qwen2.5-VL checkpoint directory into `Qwen25VL` parameters.
+"""Loads a local Hugging Face Qwen2.5-VL or Qwen3-VL checkpoint directory into parameters.
 
-    config = load_config(path)                       # config.json -> Qwen25VLConfig
+    config = load_config(path)              # config.json -> Qwen25VLConfig or Qwen3VLConfig
     params = load_params(path, config, param_dtype=jnp.bfloat16, mesh=mesh, rules=rules)
-    model = Qwen25VL(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = backbones.model_class(config)(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     out = model.apply({"params": params}, input_ids, attention_mask, pixel_values, grid)
+
+The family comes from `config.json`'s `model_type` (`qwen2_5_vl`, `qwen3_vl`; see
+`models/backbones.py`).
 
 Handles `model.safetensors` or shards listed in `model.safetensors.index.json`, the old key
 layout (`model.layers.*`, `visual.*`) and the new one (`model.language_model.*`,
@@ -32,8 +35,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from twinbrain_jax import sharding as sharding_lib
-from twinbrain_jax.models import qwen25vl
-from twinbrain_jax.models.qwen25vl_vision import vision_params_from_hf
+from twinbrain_jax.models import backbones, qwen3vl, qwen25vl
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -121,21 +123,27 @@ class SafetensorsReader:
     return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
 
 
-def load_config(directory: str | os.PathLike) -> qwen25vl.Qwen25VLConfig:
-  """`config.json` of a checkpoint directory -> `Qwen25VLConfig`."""
+def load_config(directory: str | os.PathLike) -> backbones.BackboneConfig:
+  """`config.json` of a checkpoint directory -> `Qwen25VLConfig` or `Qwen3VLConfig`."""
   path = pathlib.Path(directory) / CONFIG_FILE
   if not path.exists():
     raise CheckpointError(f"{path} does not exist; point at a Hugging Face checkpoint directory "
                           "(it holds config.json and the safetensors weights).")
-  return qwen25vl.Qwen25VLConfig.from_hf(json.loads(path.read_text()))
+  try:
+    return backbones.config_from_hf(json.loads(path.read_text()))
+  except ValueError as err:
+    raise CheckpointError(f"{path}: {err}") from err
 
 
-def hf_config_kwargs(config: qwen25vl.Qwen25VLConfig) -> dict[str, Any]:
-  """Keyword arguments of `transformers.Qwen2_5_VLConfig` describing the same model.
+def hf_config_kwargs(config: backbones.BackboneConfig) -> dict[str, Any]:
+  """Keyword arguments of `transformers.Qwen2_5_VLConfig` (or `Qwen3VLConfig`) describing the
+  same model.
 
   The inverse of `Qwen25VLConfig.from_hf`; benchmarks and tests use it to build the reference
   PyTorch model of a preset.
   """
+  if config.family == qwen3vl.FAMILY:
+    return qwen3vl.hf_config_kwargs(config)
   t, v = config.text, config.vision
   text = dict(
       vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -167,7 +175,7 @@ def key_prefixes(keys: list[str]) -> tuple[str, str]:
     return "model.", "visual."
   raise CheckpointError(
       "The checkpoint has neither `model.layers.*` nor `model.language_model.*` keys; it is not "
-      f"a Qwen2.5-VL checkpoint (first keys: {keys[:5]}).")
+      f"a Qwen2.5-VL / Qwen3-VL checkpoint (first keys: {keys[:5]}).")
 
 
 class TensorSource(NamedTuple):
@@ -177,14 +185,17 @@ class TensorSource(NamedTuple):
   transform: Callable[[np.ndarray], np.ndarray]
 
 
-def text_key_map(config: qwen25vl.TextConfig) -> dict[tuple[str, ...], TensorSource]:
+def text_key_map(config: qwen25vl.TextConfig | qwen3vl.TextConfig
+                 ) -> dict[tuple[str, ...], TensorSource]:
   """Flax path (under `model/`, or `lm_head`) -> its `TensorSource`.
 
   Torch `Linear` weights are [out, in]; flax kernels are [in, out] with the head axes split
   out ([E, H, D] for q/k/v, [Hq, D, E] for o). HF names are relative to the text prefix, except
-  `lm_head` (absolute, marked by a leading '/').
+  `lm_head` (absolute, marked by a leading '/'). Qwen2.5's q/k/v have biases; Qwen3's have none
+  but norm each q and k head (`q_norm`, `k_norm`).
   """
   c = config
+  qwen3 = isinstance(c, qwen3vl.TextConfig)
   hq, hkv, d, e = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
   mlp, vocab = c.intermediate_size, c.vocab_size
   identity = lambda x: x
@@ -203,8 +214,13 @@ def text_key_map(config: qwen25vl.TextConfig) -> dict[tuple[str, ...], TensorSou
     for proj, heads in (("q_proj", hq), ("k_proj", hkv), ("v_proj", hkv)):
       out[(*p, "self_attn", proj, "kernel")] = TensorSource(
           f"{hf}self_attn.{proj}.weight", (heads * d, e), in_proj(heads))
-      out[(*p, "self_attn", proj, "bias")] = TensorSource(
-          f"{hf}self_attn.{proj}.bias", (heads * d,), in_bias(heads))
+      if not qwen3:
+        out[(*p, "self_attn", proj, "bias")] = TensorSource(
+            f"{hf}self_attn.{proj}.bias", (heads * d,), in_bias(heads))
+    if qwen3:
+      for norm in ("q_norm", "k_norm"):
+        out[(*p, "self_attn", norm, "scale")] = TensorSource(
+            f"{hf}self_attn.{norm}.weight", (d,), identity)
     out[(*p, "self_attn", "o_proj", "kernel")] = TensorSource(
         f"{hf}self_attn.o_proj.weight", (e, hq * d), lambda w: w.T.reshape(hq, d, e))
     for proj, shape in (("gate_proj", (mlp, e)), ("up_proj", (mlp, e)), ("down_proj", (e, mlp))):
@@ -228,15 +244,15 @@ def _shape_error(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> Check
 # Loading.
 
 
-def abstract_params(config: qwen25vl.Qwen25VLConfig, param_dtype: Any = jnp.float32,
+def abstract_params(config: backbones.BackboneConfig, param_dtype: Any = jnp.float32,
                     scan_layers: bool = True) -> Any:
   """Logically annotated `jax.ShapeDtypeStruct` tree of the model's parameters (no memory)."""
-  model = qwen25vl.Qwen25VL(config, dtype=param_dtype, param_dtype=param_dtype,
-                            scan_layers=scan_layers)
+  model = backbones.model_class(config)(config, dtype=param_dtype, param_dtype=param_dtype,
+                                        scan_layers=scan_layers)
   return jax.eval_shape(functools.partial(qwen25vl.init_params, model), jax.random.key(0))
 
 
-def _abstract_and_shardings(config: qwen25vl.Qwen25VLConfig, param_dtype: Any, mesh: Mesh | None,
+def _abstract_and_shardings(config: backbones.BackboneConfig, param_dtype: Any, mesh: Mesh | None,
                             rules: sharding_lib.LogicalRules | None, caller: str,
                             scan_layers: bool = True) -> tuple[Any, Any]:
   """(unboxed abstract params, their shardings): by `rules` over `mesh`, or on one device."""
@@ -250,11 +266,11 @@ def _abstract_and_shardings(config: qwen25vl.Qwen25VLConfig, param_dtype: Any, m
   return abstract, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
 
 
-def load_params(directory: str | os.PathLike, config: qwen25vl.Qwen25VLConfig | None = None, *,
+def load_params(directory: str | os.PathLike, config: backbones.BackboneConfig | None = None, *,
                 param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
                 rules: sharding_lib.LogicalRules | None = None,
                 scan_layers: bool = True) -> dict[str, Any]:
-  """Reads a checkpoint into the (unboxed) parameter tree of `Qwen25VL(config)`.
+  """Reads a checkpoint into the (unboxed) parameter tree of `Qwen25VL(config)` / `Qwen3VL`.
 
   Args:
     directory: a Hugging Face checkpoint directory (config.json + safetensors).
@@ -262,7 +278,7 @@ def load_params(directory: str | os.PathLike, config: qwen25vl.Qwen25VLConfig | 
     param_dtype: dtype of the returned parameters (e.g. jnp.float32 or jnp.bfloat16).
     mesh, rules: when given, every parameter is created directly with the `NamedSharding` its
       logical axes map to under `rules`; otherwise on the default device.
-    scan_layers: the layout of `Qwen25VL(scan_layers=...)`: per-layer tensors stacked on a
+    scan_layers: the layout of `Qwen25VL` / `Qwen3VL(scan_layers=...)`: per-layer tensors stacked on a
       leading `layers` axis (`model/layers`, `visual/blocks`), or unrolled.
 
   Returns:
@@ -289,7 +305,7 @@ def load_params(directory: str | os.PathLike, config: qwen25vl.Qwen25VLConfig | 
     if key not in reader:
       raise CheckpointError(
           f"Checkpoint {directory} is missing tensor {key!r} (for parameter "
-          f"{'/'.join(path)}). Is it a Qwen2.5-VL checkpoint matching config.json?")
+          f"{'/'.join(path)}). Is it a {config.family} checkpoint matching config.json?")
     if reader.shape(key) != source.shape:
       raise _shape_error(key, reader.shape(key), source.shape)
     used.add(key)
@@ -306,12 +322,13 @@ def load_params(directory: str | os.PathLike, config: qwen25vl.Qwen25VLConfig | 
     key = vision_prefix + name
     if key not in reader:
       raise CheckpointError(f"Checkpoint {directory} is missing tensor {key!r} of the vision "
-                            "tower. Is it a Qwen2.5-VL checkpoint matching config.json?")
+                            f"tower. Is it a {config.family} checkpoint matching config.json?")
     used.add(key)
     return reader.get(key)
 
   try:
-    vision_tree = vision_params_from_hf(get_vision, config.vision, scan_layers)
+    vision_tree = backbones.family(config.family).vision_params_from_hf(
+        get_vision, config.vision, scan_layers)
   except CheckpointError:
     raise
   except (KeyError, ValueError) as err:  # The converter names the tensor and both shapes.
@@ -347,7 +364,7 @@ def load_params(directory: str | os.PathLike, config: qwen25vl.Qwen25VLConfig | 
     raise CheckpointError(
         f"Checkpoint {directory} has {len(unexpected)} tensor(s) the model does not use, e.g. "
         f"{unexpected[:5]}. The checkpoint and config.json disagree (layer count, tied "
-        "embeddings) or it is not a Qwen2.5-VL checkpoint.")
+        f"embeddings) or it is not a {config.family} checkpoint.")
   return jax.tree.unflatten(jax.tree.structure(abstract), arrays)
 
 
@@ -380,14 +397,14 @@ def _to_device(source: np.ndarray, shape: tuple[int, ...], dtype: np.dtype,
 def load_pretrained(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
                     param_dtype: Any | None = None, mesh: Mesh | None = None,
                     rules: sharding_lib.LogicalRules | None = None, scan_layers: bool = True
-                    ) -> tuple[qwen25vl.Qwen25VL, dict[str, Any]]:
+                    ) -> tuple[qwen25vl.Qwen25VL | qwen3vl.Qwen3VL, dict[str, Any]]:
   """(model, params) from a checkpoint directory; `param_dtype` defaults to `dtype`."""
   config = load_config(directory)
   param_dtype = dtype if param_dtype is None else param_dtype
   params = load_params(directory, config, param_dtype=param_dtype, mesh=mesh, rules=rules,
                        scan_layers=scan_layers)
-  return qwen25vl.Qwen25VL(config, dtype=dtype, param_dtype=param_dtype,
-                           scan_layers=scan_layers), params
+  return backbones.model_class(config)(config, dtype=dtype, param_dtype=param_dtype,
+                                       scan_layers=scan_layers), params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +427,7 @@ def save_orbax(params: Any, directory: str | os.PathLike, hf_directory: str | os
 
 def restore_orbax(directory: str | os.PathLike, *, param_dtype: Any = jnp.float32,
                   mesh: Mesh | None = None, rules: sharding_lib.LogicalRules | None = None
-                  ) -> tuple[qwen25vl.Qwen25VLConfig, dict[str, Any]]:
+                  ) -> tuple[backbones.BackboneConfig, dict[str, Any]]:
   """(config, params) from a directory written by `save_orbax`, in `param_dtype`, sharded by
   `rules` over `mesh` when given."""
   import orbax.checkpoint as ocp

@@ -1,11 +1,12 @@
-"""The Qwen2-VL / Qwen2.5-VL image processor in numpy and PIL (no torch).
+"""The Qwen2-VL / Qwen2.5-VL / Qwen3-VL image processor in numpy and PIL (no torch).
 
 Each image is resized (PIL bicubic) so both sides are multiples of `patch_size * merge_size` and
-its area lies within `[min_pixels, max_pixels]`, scaled to [0, 1], normalised with the CLIP
-mean/std, repeated `temporal_patch_size` times (a still image is a two-frame clip), and cut into
+its area lies within `[min_pixels, max_pixels]`, scaled to [0, 1], normalised with the family's
+mean/std (`PROCESSOR_SETTINGS`), repeated `temporal_patch_size` times (a still image is a two-frame clip), and cut into
 flattened patches ordered merge-block-major: the `merge_size x merge_size` patches that the
 vision tower's merger fuses into one token are consecutive. Outputs equal those of HF's
-`Qwen2VLImageProcessor` (PIL backend) bit for bit.
+`Qwen2VLImageProcessor` (PIL backend) bit for bit; Qwen3-VL checkpoints use that same class with
+patch 16, mean/std 0.5 and their own pixel limits (`preprocessor_config.json`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,29 @@ import PIL.Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# The released Qwen3-VL processors normalise to [-1, 1].
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+
 MAX_ASPECT_RATIO = 200
+
+# `preprocess_images` keyword arguments of each backbone family, as its released
+# `preprocessor_config.json` sets them (`size.shortest_edge` / `size.longest_edge` are the pixel
+# limits).
+PROCESSOR_SETTINGS = {
+    "qwen25vl": dict(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56,
+                     max_pixels=28 * 28 * 1280, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+    "qwen3vl": dict(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=256 * 256,
+                    max_pixels=4096 * 4096, image_mean=HALF_MEAN, image_std=HALF_STD),
+}
+
+
+def processor_settings(family: str) -> dict:
+  """A copy of `PROCESSOR_SETTINGS[family]`, with an error naming the families."""
+  if family not in PROCESSOR_SETTINGS:
+    raise ValueError(f"Unknown backbone family {family!r}; choose one of "
+                     f"{sorted(PROCESSOR_SETTINGS)}.")
+  return dict(PROCESSOR_SETTINGS[family])
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -103,14 +126,18 @@ def patchify(image: np.ndarray, patch_size: int = 14, temporal_patch_size: int =
 
 def preprocess_images(images: Sequence[np.ndarray], *, min_pixels: int = 56 * 56,
                       max_pixels: int = 28 * 28 * 1280, patch_size: int = 14,
-                      temporal_patch_size: int = 2,
-                      merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                      temporal_patch_size: int = 2, merge_size: int = 2,
+                      image_mean: Sequence[float] = CLIP_MEAN,
+                      image_std: Sequence[float] = CLIP_STD) -> tuple[np.ndarray, np.ndarray]:
   """Turns still images into the vision tower's flattened patches.
+
+  The defaults are Qwen2.5-VL's; `**processor_settings("qwen3vl")` gives Qwen3-VL's.
 
   Args:
     images: `[H, W, 3]` uint8 RGB arrays (sizes may differ; grayscale `[H, W]` is accepted).
     min_pixels, max_pixels: bounds on the resized area (see `smart_resize`).
     patch_size, temporal_patch_size, merge_size: must match the vision tower's config.
+    image_mean, image_std: per-channel normalisation of the [0, 1] pixels.
 
   Returns:
     `pixel_values` float32 `[N, 3 * temporal_patch_size * patch_size**2]`, the images' patches
@@ -122,8 +149,8 @@ def preprocess_images(images: Sequence[np.ndarray], *, min_pixels: int = 56 * 56
         f"`images` is a single array of shape {images.shape}; pass a list of images, e.g. [image].")
   if len(images) == 0:
     raise ValueError("`images` is empty; pass at least one [H, W, 3] uint8 image.")
-  mean = np.asarray(CLIP_MEAN, np.float32)
-  std = np.asarray(CLIP_STD, np.float32)
+  mean = np.asarray(image_mean, np.float32)
+  std = np.asarray(image_std, np.float32)
   all_patches, grids = [], []
   for i, image in enumerate(images):
     image = _as_rgb_uint8(image, i)

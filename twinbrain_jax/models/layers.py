@@ -71,6 +71,16 @@ class RMSNorm(nn.Module):
     return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
+def layer_norm(eps: float = 1e-6, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+  """`nn.LayerNorm` (scale and bias, two-pass variance as torch computes it) whose params carry
+  the logical axis `norm`."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           implementation: str | None = None) -> jax.Array:
   """Masked scaled dot-product attention with grouped-query heads (`jax.nn.dot_product_attention`).
@@ -154,3 +164,26 @@ def unstack_layer_params(tree: Any, name: str, prefix: str) -> Any:
   for i in range(count):
     tree[f"{prefix}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return tree
+
+
+def add_layer_addition(hidden: jax.Array, additions: jax.Array | None,
+                       layer_index: int | jax.Array) -> jax.Array:
+  """`hidden + additions[i]` after layer `i < K`, `hidden` after the others.
+
+  The per-layer additions are Qwen3-VL's DeepStack maps. `layer_index` is a Python int
+  (unrolled layers) or a traced `[]` int (scanned layers: the maps stay one broadcast operand and
+  the step picks map `min(i, K - 1)`, masked out from layer K on).
+
+  Args:
+    hidden: [B, L, E] the residual stream leaving layer `i`.
+    additions: [K, B, L, E] (zero away from the positions they feed), or None.
+    layer_index: the layer's index `i`.
+  """
+  if additions is None or additions.shape[0] == 0:
+    return hidden
+  count = additions.shape[0]
+  if isinstance(layer_index, int):
+    return hidden + additions[layer_index].astype(hidden.dtype) if layer_index < count else hidden
+  picked = jax.lax.dynamic_index_in_dim(additions, jnp.minimum(layer_index, count - 1),
+                                        keepdims=False)
+  return hidden + jnp.where(layer_index < count, picked, 0).astype(hidden.dtype)

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, RMSNorm, dense,
-                                         dot_product_attention, scan_layers)
+from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, RMSNorm, add_layer_addition,
+                                         dense, dot_product_attention, scan_layers)
 from twinbrain_jax.models.qwen25vl_vision import VisionConfig, VisionTower
 
 Dtype = Any
@@ -138,6 +138,8 @@ class Qwen25VLConfig:
   vision_start_token_id: int
   vision_end_token_id: int
 
+  family = "qwen25vl"  # Not a field: which backbone this config builds.
+
   @classmethod
   def from_config_dict(cls, cd: Mapping[str, Any]) -> Qwen25VLConfig:
     """From `config.model.backbone` (a `backbone_presets.backbone_preset(...)` block)."""
@@ -198,11 +200,17 @@ def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
   half = head_dim // 2
   if sum(mrope_section) != half:
     raise ValueError(f"mrope_section={list(mrope_section)} must sum to head_dim/2={half}.")
-  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-  # Which position axis drives each frequency: [D/2] in {0, 1, 2}.
   axis_of_freq = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
+  return rope_cos_sin_by_axis(position_ids, head_dim, theta, axis_of_freq)
+
+
+def rope_cos_sin_by_axis(position_ids: jax.Array, head_dim: int, theta: float,
+                         axis_of_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """Cos/sin tables [B, L, D] (float32) where frequency j takes its angle from position axis
+  `axis_of_freq[j]` of `position_ids` [3, B, L]; `axis_of_freq` is `[D/2]` in {0, 1, 2}."""
+  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   positions = jnp.asarray(position_ids).astype(jnp.float32)  # [3, B, L]
-  positions = jnp.moveaxis(positions[axis_of_freq], 0, -1)  # [B, L, D/2]
+  positions = jnp.moveaxis(positions[np.asarray(axis_of_freq)], 0, -1)  # [B, L, D/2]
   angles = positions * jnp.asarray(inv_freq, jnp.float32)  # [B, L, D/2]
   angles = jnp.concatenate([angles, angles], axis=-1)  # [B, L, D]
   return jnp.cos(angles), jnp.sin(angles)
@@ -336,16 +344,18 @@ class DecoderLayer(nn.Module):
   """A Qwen2 pre-norm decoder layer, split into the halves that joint attention needs.
 
   `__call__(hidden, cos, sin, mask, cache)` = `qkv` -> `dot_product_attention` -> `out`.
+  Subclasses change the attention projections through `attention_cls` (Qwen3's q/k norms).
   """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_cls = Attention  # Not a field: a subclass's choice.
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
-    self.self_attn = Attention(c, **kw)
+    self.self_attn = self.attention_cls(c, **kw)
     self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
     self.mlp = MLP(c, **kw)
 
@@ -377,7 +387,8 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
 
   def __call__(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               cache: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
+               cache: LayerKV | None = None, layer_index: int | jax.Array = 0,
+               additions: jax.Array | None = None) -> tuple[jax.Array, LayerKV | None]:
     """One layer.
 
     Args:
@@ -385,6 +396,9 @@ class DecoderLayer(nn.Module):
       cos, sin: [B, L, D].
       mask: [B, L, L] without a cache; [B, L, S] over the cache slots with one.
       cache: this layer's `LayerKV`; the new keys/values are written at `cache.index`.
+      layer_index: this layer's index `i` (an int, or a traced `[]` int when scanned).
+      additions: [K, B, L, E] per-layer additions (Qwen3-VL's DeepStack maps) or None; the
+        layer adds `additions[i]` to its output when `i < K`.
 
     Returns:
       ([B, L, E], the updated cache or None).
@@ -393,7 +407,8 @@ class DecoderLayer(nn.Module):
     if cache is not None:
       cache = cache.update(k, v)
       k, v = cache.k, cache.v
-    return self.out(hidden, dot_product_attention(q, k, v, mask)), cache
+    hidden = self.out(hidden, dot_product_attention(q, k, v, mask))
+    return add_layer_addition(hidden, additions, layer_index), cache
 
 
 # Gradient checkpointing of each decoder layer: what the backward pass may keep.
@@ -417,12 +432,15 @@ class TextModel(nn.Module):
   traces and compiles one layer. Otherwise they are unrolled (`model/layers_{i}/...`).
   `remat_policy` (see `REMAT_POLICIES`) recomputes each layer in the backward pass; unrolled, it
   applies to each layer's halves (`qkv`, `out`), also when AsyMoT drives them one by one.
+  Subclasses change the layers through `decoder_layer_cls` and the position encoding through
+  `rotary`.
   """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = True
+  decoder_layer_cls = DecoderLayer  # Not a field: a subclass's choice.
 
   def setup(self):
     c = self.config
@@ -432,23 +450,25 @@ class TextModel(nn.Module):
             nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw)
     check_remat_policy(self.remat_policy)
     remat = self.remat_policy != "none"
+    layer_cls = self.decoder_layer_cls
     if self.scan_layers:
-      # Carry: hidden. Shared: cos, sin, mask. Scanned: the per-layer cache (or None).
-      stack = scan_layers(DecoderLayer, c.num_hidden_layers,
-                          (nn.broadcast, nn.broadcast, nn.broadcast, 0),
+      # Carry: hidden. Shared: cos, sin, mask, the per-layer additions. Scanned: the per-layer
+      # cache (or None) and the layer index.
+      stack = scan_layers(layer_cls, c.num_hidden_layers,
+                          (nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                           REMAT_POLICIES[self.remat_policy], remat)
       self.layers = stack(c, **kw)
     else:
-      layer_cls = DecoderLayer
       if remat:
-        layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy],
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
                              methods=("qkv", "out"))
       self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
   def layer(self) -> DecoderLayer:
     """An unbound `DecoderLayer` of this model's sizes and dtypes (for scanned params)."""
-    return DecoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+    return self.decoder_layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  parent=None)
 
   def stacked_layer_params(self) -> Any:
     """The decoder layers' params stacked on a leading `layers` axis (scanned layout only)."""
@@ -466,24 +486,30 @@ class TextModel(nn.Module):
     return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
 
   def run_layers(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 layer_caches: Sequence[LayerKV] | None = None
+                 layer_caches: Sequence[LayerKV] | None = None,
+                 additions: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[LayerKV, ...] | None]:
-    """All decoder layers: hidden [B, L, E] -> [B, L, E] (before the final norm)."""
+    """All decoder layers: hidden [B, L, E] -> [B, L, E] (before the final norm).
+
+    `additions` [K, B, L, E] (or None) are added after layers 0 .. K-1 (`add_layer_addition`).
+    """
     if self.scan_layers:
       stacked = None if layer_caches is None else jax.tree.map(
           lambda *xs: jnp.stack(xs), *layer_caches)
-      hidden, stacked = self.layers(hidden, cos, sin, mask, stacked)
+      layer_index = jnp.arange(self.config.num_hidden_layers)
+      hidden, stacked = self.layers(hidden, cos, sin, mask, stacked, layer_index, additions)
       if layer_caches is None:
         return hidden, None
       return hidden, tuple(jax.tree.map(lambda x, i=i: x[i], stacked)
                            for i in range(len(layer_caches)))
     caches = [None] * len(self.layers) if layer_caches is None else list(layer_caches)
     for i, layer in enumerate(self.layers):
-      hidden, caches[i] = layer(hidden, cos, sin, mask, caches[i])
+      hidden, caches[i] = layer(hidden, cos, sin, mask, caches[i], i, additions)
     return hidden, None if layer_caches is None else tuple(caches)
 
   def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
-               attention_mask: jax.Array, cache: KVCache | None = None
+               attention_mask: jax.Array, cache: KVCache | None = None,
+               layer_additions: jax.Array | None = None
                ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder.
 
@@ -494,6 +520,8 @@ class TextModel(nn.Module):
         covers only the L new tokens; the cache remembers the earlier ones.
       cache: a `KVCache`; the L new tokens go to slots `cache.index ..`, so a prefill followed by
         single-token steps reproduces the full forward.
+      layer_additions: [K, B, L, E] added to the residual stream after layers 0 .. K-1 (Qwen3-VL's
+        DeepStack image features, zero away from the image tokens), or None.
 
     Returns:
       (final-norm hidden states [B, L, E], the updated cache or None).
@@ -503,7 +531,7 @@ class TextModel(nn.Module):
     cos, sin = self.rotary(position_ids)
     if cache is None:
       mask = causal_padding_mask(attention_mask)
-      hidden, _ = self.run_layers(hidden, cos, sin, mask)
+      hidden, _ = self.run_layers(hidden, cos, sin, mask, additions=layer_additions)
       return self.norm(hidden), None
     start = cache.index
     key_mask = jax.lax.dynamic_update_slice(
@@ -512,7 +540,7 @@ class TextModel(nn.Module):
     # Query i sits at slot start + i; it sees valid slots up to its own.
     causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(length))[:, None]
     mask = causal[None] & key_mask[:, None, :]
-    hidden, layer_caches = self.run_layers(hidden, cos, sin, mask, cache.layers)
+    hidden, layer_caches = self.run_layers(hidden, cos, sin, mask, cache.layers, layer_additions)
     return self.norm(hidden), KVCache(layers=layer_caches, key_mask=key_mask)
 
 
@@ -624,19 +652,53 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def scatter_image_features(base: jax.Array, input_ids: jax.Array, features: jax.Array,
+                           image_token_id: int) -> jax.Array:
+  """`base` with its image-token positions replaced by the image features, in prompt order.
+
+  Args:
+    base: [B, L, E] (token embeddings, or zeros for an additive map).
+    input_ids: [B, L] with one `image_token_id` per merged image token.
+    features: [N_tok, E] merged image tokens of all images in prompt order.
+
+  Returns:
+    [B, L, E]; raises when `input_ids` is concrete and its image-token count differs from N_tok.
+  """
+  is_image = (input_ids == image_token_id).reshape(-1)  # [B*L]
+  if _is_concrete(input_ids):
+    count = int(np.asarray(is_image).sum())
+    if count != features.shape[0]:
+      raise ValueError(
+          f"The prompts hold {count} image tokens (id {image_token_id}) but the images give "
+          f"{features.shape[0]} merged features; expand each image placeholder to "
+          "t*h*w/merge**2 tokens.")
+  # The k-th image token takes the k-th feature (features are in prompt order).
+  feature_index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
+  batch, length, width = base.shape
+  flat = jnp.where(is_image[:, None], features[feature_index].astype(base.dtype),
+                   base.reshape(batch * length, width))
+  return flat.reshape(batch, length, width)
+
+
 class Qwen25VL(nn.Module):
   """Qwen2.5-VL: vision tower, image features merged into the token embeddings, text model,
-  lm head (tied to the embedding matrix when `tie_word_embeddings`)."""
+  lm head (tied to the embedding matrix when `tie_word_embeddings`).
+
+  Subclasses (Qwen3-VL) swap the parts through `vision_tower_cls` / `text_model_cls`.
+  """
   config: Qwen25VLConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = True
+  vision_tower_cls = VisionTower  # Not fields: a subclass's choice.
+  text_model_cls = TextModel
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers)
-    self.visual = VisionTower(self.config.vision, remat=self.remat_policy != "none", **kw)
-    self.model = TextModel(self.config.text, remat_policy=self.remat_policy, **kw)
+    self.visual = self.vision_tower_cls(self.config.vision, remat=self.remat_policy != "none",
+                                        **kw)
+    self.model = self.text_model_cls(self.config.text, remat_policy=self.remat_policy, **kw)
     kw.pop("scan_layers")
     if not self.config.text.tie_word_embeddings:
       self.lm_head = dense(self.config.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
@@ -667,20 +729,27 @@ class Qwen25VL(nn.Module):
     if image_grid_thw is None:
       raise ValueError("pixel_values were given without image_grid_thw; pass both.")
     features = self.visual(pixel_values, np.asarray(image_grid_thw))  # [N_tok, E]
-    is_image = (input_ids == self.config.image_token_id).reshape(-1)  # [B*L]
-    if _is_concrete(input_ids):
-      count = int(np.asarray(is_image).sum())
-      if count != features.shape[0]:
-        raise ValueError(
-            f"The prompts hold {count} image tokens (id {self.config.image_token_id}) but the "
-            f"images give {features.shape[0]} merged features; expand each image placeholder "
-            "to t*h*w/merge**2 tokens.")
-    # The k-th image token takes the k-th feature (features are in prompt order).
-    feature_index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
-    batch, length, width = embeds.shape
-    flat = jnp.where(is_image[:, None], features[feature_index].astype(embeds.dtype),
-                     embeds.reshape(batch * length, width))
-    return flat.reshape(batch, length, width)
+    return scatter_image_features(embeds, input_ids, features, self.config.image_token_id)
+
+  def embed_multimodal(self, input_ids: jax.Array, pixel_values: jax.Array | None,
+                       image_grid_thw: np.ndarray | None) -> tuple[jax.Array, None]:
+    """(`embed_inputs(...)`, None): the backbone-agnostic form `TwinBrainVLA` calls; Qwen3-VL
+    returns its DeepStack `layer_additions` in the second slot."""
+    return self.embed_inputs(input_ids, pixel_values, image_grid_thw), None
+
+  def prompt_position_ids(self, input_ids: jax.Array, attention_mask: jax.Array,
+                          image_grid_thw: np.ndarray | None, cache: KVCache | None) -> np.ndarray:
+    """[3, B, L] `get_rope_index` positions of a prompt (concrete inputs, empty cache)."""
+    if cache is not None and not (_is_concrete(cache.index) and int(cache.index) == 0):
+      raise ValueError(
+          "With a filled KVCache, pass position_ids for the new tokens: "
+          "decode_position_ids(num_valid, rope_deltas) after get_rope_index of the prompt.")
+    if not (_is_concrete(input_ids) and _is_concrete(attention_mask)):
+      raise ValueError(
+          "position_ids=None needs concrete input_ids and attention_mask to run get_rope_index; "
+          "under jit, compute position_ids with get_rope_index outside and pass them in.")
+    return get_rope_index(np.asarray(input_ids), image_grid_thw, np.asarray(attention_mask),
+                          self.config)[0]
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                pixel_values: jax.Array | None = None, image_grid_thw: np.ndarray | None = None,
@@ -701,16 +770,7 @@ class Qwen25VL(nn.Module):
       dict(logits [B, L, vocab], hidden_states [B, L, E] (final norm), cache).
     """
     if position_ids is None:
-      if cache is not None and not (_is_concrete(cache.index) and int(cache.index) == 0):
-        raise ValueError(
-            "With a filled KVCache, pass position_ids for the new tokens: "
-            "decode_position_ids(num_valid, rope_deltas) after get_rope_index of the prompt.")
-      if not (_is_concrete(input_ids) and _is_concrete(attention_mask)):
-        raise ValueError(
-            "position_ids=None needs concrete input_ids and attention_mask to run get_rope_index; "
-            "under jit, compute position_ids with get_rope_index outside and pass them in.")
-      position_ids, _ = get_rope_index(np.asarray(input_ids), image_grid_thw,
-                                       np.asarray(attention_mask), self.config)
+      position_ids = self.prompt_position_ids(input_ids, attention_mask, image_grid_thw, cache)
     embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
     hidden, cache = self.model(embeds, position_ids, attention_mask, cache)
     return dict(logits=self.logits(hidden), hidden_states=hidden, cache=cache)

@@ -47,8 +47,55 @@ _HF_VISION_DEFAULTS = dict(
     out_hidden_size=3584, fullatt_block_indexes=(7, 15, 23, 31))
 
 
+class VisionSizes:
+  """What the Qwen2.5-VL and Qwen3-VL vision configs share (a mixin of their dataclasses, which
+  hold `hidden_size`, `num_heads`, `in_channels`, `temporal_patch_size`, `patch_size`)."""
+
+  def check_heads(self) -> None:
+    """Raises ValueError unless the heads split the width and suit the 2-D rotary embedding."""
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"vision hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    if self.head_dim % 4:
+      raise ValueError(f"vision head_dim={self.head_dim} must be a multiple of 4 for the 2-D "
+                       "rotary embedding (a quarter of it per axis, cos and sin halves).")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    """Length of one flattened input patch, `C * T * p * p`."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+  @classmethod
+  def from_config_dict(cls, cd: Mapping[str, Any]):
+    """From `config.model.backbone.vision` (a ConfigDict or dict with this class's fields)."""
+    cd = dict(cd)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cd) - names)
+    if unknown:
+      raise ValueError(f"Unknown vision config field(s) {unknown} for {cls.__module__}."
+                       f"{cls.__name__}; known: {sorted(names)}.")
+    return cls(**cd)
+
+
+def check_packed_patches(pixel_values: jax.Array, grid_thw: Any, config: VisionSizes
+                         ) -> np.ndarray:
+  """The validated `grid_thw` (`check_grid_thw`); raises ValueError unless `pixel_values` is
+  `[N, C*T*p*p]` with N the grids' total patch count."""
+  grid = check_grid_thw(grid_thw, config.spatial_merge_size)
+  num_tokens = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+  if pixel_values.ndim != 2 or pixel_values.shape != (num_tokens, config.patch_dim):
+    raise ValueError(
+        f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid.tolist()} "
+        f"with patch_dim C*T*p*p={config.patch_dim} needs ({num_tokens}, {config.patch_dim}).")
+  return grid
+
+
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionSizes):
   """Sizes of the vision tower; field names follow the HF `vision_config`."""
   depth: int
   hidden_size: int
@@ -68,12 +115,7 @@ class VisionConfig:
   def __post_init__(self):
     object.__setattr__(self, "fullatt_block_indexes",
                        tuple(int(i) for i in self.fullatt_block_indexes))
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"vision hidden_size={self.hidden_size} is not divisible by "
-                       f"num_heads={self.num_heads}.")
-    if self.head_dim % 4:
-      raise ValueError(f"vision head_dim={self.head_dim} must be a multiple of 4 for the 2-D "
-                       "rotary embedding (a quarter of it per axis, cos and sin halves).")
+    self.check_heads()
     if self.window_size % (self.patch_size * self.spatial_merge_size):
       raise ValueError(
           f"vision window_size={self.window_size} must be a multiple of patch_size * "
@@ -86,28 +128,9 @@ class VisionConfig:
                        "uses 'silu'.")
 
   @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
-  def patch_dim(self) -> int:
-    """Length of one flattened input patch, `C * T * p * p`."""
-    return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-  @property
   def window_merge_units(self) -> int:
     """Side of an attention window in merged units (112 px / 14 px / 2 = 4)."""
     return self.window_size // self.spatial_merge_size // self.patch_size
-
-  @classmethod
-  def from_config_dict(cls, cd: Mapping[str, Any]) -> VisionConfig:
-    """From `config.model.backbone.vision` (a ConfigDict or dict with this class's fields)."""
-    cd = dict(cd)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cd) - names)
-    if unknown:
-      raise ValueError(f"Unknown vision config field(s) {unknown}; known: {sorted(names)}.")
-    return cls(**cd)
 
   @classmethod
   def from_hf(cls, d: Mapping[str, Any]) -> VisionConfig:
@@ -364,12 +387,7 @@ class VisionTower(nn.Module):
       `[N // merge**2, out_hidden_size]` merged tokens, image by image in input order.
     """
     c = self.config
-    grid = check_grid_thw(grid_thw, c.spatial_merge_size)
-    num_tokens = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
-    if pixel_values.ndim != 2 or pixel_values.shape != (num_tokens, c.patch_dim):
-      raise ValueError(
-          f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid.tolist()} "
-          f"with patch_dim C*T*p*p={c.patch_dim} needs ({num_tokens}, {c.patch_dim}).")
+    grid = check_packed_patches(pixel_values, grid_thw, c)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     full, windows = (
         AttentionSegments(*map(jnp.asarray, attention_segments(grid, c.spatial_merge_size, units)))
@@ -420,6 +438,42 @@ def hf_vision_weight_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+def checked_getter(get: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+                   ) -> Callable[[str], np.ndarray]:
+  """`get` that checks each tensor against `shapes` (HF name -> torch-layout shape).
+
+  Raises KeyError (a missing tensor: its name and expected shape) or ValueError (a wrong shape:
+  the name and both shapes).
+  """
+
+  def load(name: str) -> np.ndarray:
+    try:
+      array = get(name)
+    except KeyError as err:
+      raise KeyError(f"Vision weight {name!r} (expected shape {shapes[name]}) is missing from "
+                     f"the checkpoint: {err}") from err
+    if tuple(array.shape) != shapes[name]:
+      raise ValueError(
+          f"Vision weight {name!r} has shape {tuple(array.shape)} in the checkpoint but the "
+          f"config needs {shapes[name]}; check that the vision config matches the checkpoint.")
+    return array
+
+  return load
+
+
+def attention_params_from_hf(load: Callable[[str], np.ndarray], prefix: str, config: Any
+                             ) -> dict:
+  """`VisionAttention` params from HF's fused `qkv` / `proj` Linear tensors under `prefix`
+  (e.g. `blocks.0.attn.`); `config` gives `hidden_size`, `num_heads`, `head_dim`."""
+  e, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
+  return {
+      "qkv": {"kernel": load(prefix + "qkv.weight").T.reshape(e, 3, heads, head_dim),
+              "bias": load(prefix + "qkv.bias").reshape(3, heads, head_dim)},
+      "proj": {"kernel": load(prefix + "proj.weight").T.reshape(heads, head_dim, e),
+               "bias": load(prefix + "proj.bias")},
+  }
+
+
 def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig,
                           scan_layers: bool = True) -> dict:
   """The `VisionTower` param tree from HF tensors.
@@ -438,41 +492,30 @@ def vision_params_from_hf(get: Callable[[str], np.ndarray], config: VisionConfig
     ValueError: a tensor's shape differs from the config's (names it and both shapes).
   """
   c = config
-  shapes = hf_vision_weight_shapes(c)
-  heads, head_dim, e = c.num_heads, c.head_dim, c.hidden_size
-
-  def load(name):
-    try:
-      array = get(name)
-    except KeyError as err:
-      raise KeyError(f"Vision weight {name!r} (expected shape {shapes[name]}) is missing from "
-                     f"the checkpoint: {err}") from err
-    if tuple(array.shape) != shapes[name]:
-      raise ValueError(
-          f"Vision weight {name!r} has shape {tuple(array.shape)} in the checkpoint but the "
-          f"config needs {shapes[name]}; check that the vision config matches the checkpoint.")
-    return array
+  load = checked_getter(get, hf_vision_weight_shapes(c))
 
   def linear(prefix):
     return {"kernel": load(prefix + ".weight").T, "bias": load(prefix + ".bias")}
 
-  params = {"patch_embed": {"kernel": load("patch_embed.proj.weight").reshape(e, -1).T}}
+  params = {"patch_embed": {"kernel": load("patch_embed.proj.weight").reshape(
+      c.hidden_size, -1).T}}
   for i in range(c.depth):
     p = f"blocks.{i}."
     params[f"blocks_{i}"] = {
         "norm1": {"scale": load(p + "norm1.weight")},
         "norm2": {"scale": load(p + "norm2.weight")},
-        "attn": {
-            "qkv": {"kernel": load(p + "attn.qkv.weight").T.reshape(e, 3, heads, head_dim),
-                    "bias": load(p + "attn.qkv.bias").reshape(3, heads, head_dim)},
-            "proj": {"kernel": load(p + "attn.proj.weight").T.reshape(heads, head_dim, e),
-                     "bias": load(p + "attn.proj.bias")},
-        },
+        "attn": attention_params_from_hf(load, p + "attn.", c),
         "mlp": {name: linear(p + "mlp." + name) for name in ("gate_proj", "up_proj", "down_proj")},
     }
   params["merger"] = {"ln_q": {"scale": load("merger.ln_q.weight")},
                       "mlp_0": linear("merger.mlp.0"), "mlp_2": linear("merger.mlp.2")}
-  if scan_layers:
-    blocks = [params.pop(f"blocks_{i}") for i in range(c.depth)]
-    params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+  return stacked_blocks(params, c.depth) if scan_layers else params
+
+
+def stacked_blocks(params: dict, depth: int) -> dict:
+  """Converted tower params with `blocks_{i}` (i < depth) stacked into `blocks` (numpy, on the
+  host: the scanned layout)."""
+  params = dict(params)
+  blocks = [params.pop(f"blocks_{i}") for i in range(depth)]
+  params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
   return params

@@ -13,6 +13,10 @@ with one `<|image_pad|>` per merged image token (`t * h * w / merge**2` of the i
 grid, see `num_image_tokens`), which the model replaces by the vision features. The template's
 special tokens are inserted by id (no string of thousands of pads goes through the tokenizer);
 the result equals encoding the whole template string, which the tests check.
+
+Qwen3-VL checkpoints use the same tokenizer class, special tokens and user-turn layout (their
+chat template writes a system turn only when one is given, as `system=` does here), so this
+class serves both backbone families.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
 """TwinBrainVLA: frozen left brain + trainable right brain (AsyMoT) + flow-matching DiT expert.
 
-    left brain   Qwen2.5-VL, frozen, bf16 storage: image + instruction
-    right brain  Qwen2.5-VL copy, trainable: image + "Instruction: ..\nAction Query: "
+    left brain   Qwen2.5-VL or Qwen3-VL (`backbone.family`), frozen, bf16 storage: image +
+                 instruction
+    right brain  a copy of the same VLM, trainable: image + "Instruction: ..\nAction Query: "
                  + <|propri|> + N x <|action|>; the <|propri|> embedding is replaced by
                  phi(state). It precedes the queries so that, under causal attention, every
                  action query sees the state.
     AsyMoT       at every layer right queries attend to [stop_grad(K/V_left), K/V_right]
     expert       DiT cross-attending to the right brain's final states at the action queries
+
+With Qwen3-VL, each brain's vision tower also gives DeepStack maps that are added to that
+brain's own stream after its first decoder layers (inside the AsyMoT loop); AsyMoT is unchanged.
 
 The `monolithic` variant (Qwen-GR00T) drops the left brain: the right brain runs alone.
 
@@ -31,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from twinbrain_jax import flow_matching
-from twinbrain_jax.models import asymot
+from twinbrain_jax.models import asymot, backbones
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, EmbodimentMLP,
                                       action_expert_flops, scanned_expert_params)
 from twinbrain_jax.models.layers import stack_layer_params
-from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, Qwen25VL, Qwen25VLConfig, get_rope_index
+from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, get_rope_index
 from twinbrain_jax.models.tokenizer import left_pad
 
 VARIANTS = ("twinbrain", "monolithic")
@@ -57,7 +61,7 @@ class TwinBrainConfig:
   ids; they reuse unused rows of the embedding table so the vocabulary (and its sharding) keeps
   its size.
   """
-  backbone: Qwen25VLConfig
+  backbone: backbones.BackboneConfig
   action_expert: ActionExpertConfig
   action_token_id: int
   propri_token_id: int
@@ -101,7 +105,7 @@ class TwinBrainConfig:
   def from_config_dict(cls, model: Mapping[str, Any]) -> TwinBrainConfig:
     """From the `config.model` block (`backbone`, `action_expert` and the fields above)."""
     items = dict(model.items())
-    backbone = Qwen25VLConfig.from_config_dict(items.pop("backbone"))
+    backbone = backbones.config_from_dict(items.pop("backbone"))
     expert = dict(items.pop("action_expert").items())
     expert.setdefault("context_dim", backbone.text.hidden_size)
     # One switch for the whole model: the expert's blocks scan like the brains' layers.
@@ -139,11 +143,12 @@ class TwinBrainVLA(nn.Module):
   def setup(self):
     c = self.config
     dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
+    vlm = backbones.model_class(c.backbone)
     if c.variant == "twinbrain":  # Frozen: forward only, so no remat.
-      self.left = Qwen25VL(c.backbone, dtype=dtype, param_dtype=_dtype(c.left_param_dtype),
-                           scan_layers=c.scan_layers)
-    self.right = Qwen25VL(c.backbone, dtype=dtype, param_dtype=param_dtype,
-                          remat_policy=c.remat_policy, scan_layers=c.scan_layers)
+      self.left = vlm(c.backbone, dtype=dtype, param_dtype=_dtype(c.left_param_dtype),
+                      scan_layers=c.scan_layers)
+    self.right = vlm(c.backbone, dtype=dtype, param_dtype=param_dtype,
+                     remat_policy=c.remat_policy, scan_layers=c.scan_layers)
     self.state_encoder = EmbodimentMLP(
         c.state_hidden_dim, c.backbone.text.hidden_size, num_embodiments=c.num_embodiments,
         axes=("state", "mlp", "embed"), dtype=dtype, param_dtype=param_dtype)
@@ -159,24 +164,28 @@ class TwinBrainVLA(nn.Module):
     """
     c = self.config
     pixels, ids = obs["pixel_values"], obs["right_input_ids"]
-    right = self.right.embed_inputs(ids, pixels, image_grid_thw)  # [B, Lr, E]
+    # [B, Lr, E] and the DeepStack maps [K, B, Lr, E] (None for Qwen2.5-VL).
+    right, additions_right = self.right.embed_multimodal(ids, pixels, image_grid_thw)
     state = self.state_encoder(obs["state"].astype(right.dtype), obs.get("embodiment_id"))
     right = jnp.where((ids == c.propri_token_id)[..., None], state[:, None, :].astype(right.dtype),
                       right)
     right_text = self.right.model
     rope_right = right_text.rotary(obs["right_position_ids"])
     if c.variant == "monolithic":
-      hidden_right, _ = right_text(right, obs["right_position_ids"], obs["right_attention_mask"])
+      hidden_right, _ = right_text(right, obs["right_position_ids"], obs["right_attention_mask"],
+                                   layer_additions=additions_right)
       return None, hidden_right
 
     left_text = self.left.model
-    left = self.left.embed_inputs(obs["left_input_ids"], pixels, image_grid_thw)  # [B, Ll, E]
+    left, additions_left = self.left.embed_multimodal(obs["left_input_ids"], pixels,
+                                                      image_grid_thw)  # [B, Ll, E]
     left = left.astype(right.dtype)
     rope_left = left_text.rotary(obs["left_position_ids"])
     masks = asymot.joint_masks(obs["left_attention_mask"], obs["right_attention_mask"], c.mask_mode)
     if not c.scan_layers:
       hidden_left, hidden_right = asymot.asymot_forward(
-          left_text.layers, right_text.layers, left, right, rope_left, rope_right, masks)
+          left_text.layers, right_text.layers, left, right, rope_left, rope_right, masks,
+          additions_left, additions_right)
       return left_text.norm(hidden_left), right_text.norm(hidden_right)
     if self.is_initializing():
       # Creates both stacks' params (the joint scan below reads them as stacked arrays).
@@ -186,7 +195,8 @@ class TwinBrainVLA(nn.Module):
     hidden_left, hidden_right = asymot.asymot_scan(
         left_text.layer(), right_text.layer(), left_text.stacked_layer_params(),
         right_text.stacked_layer_params(), left, right, rope_left, rope_right, masks,
-        REMAT_POLICIES[c.remat_policy], c.remat_policy != "none")
+        REMAT_POLICIES[c.remat_policy], c.remat_policy != "none", additions_left,
+        additions_right)
     return left_text.norm(hidden_left), right_text.norm(hidden_right)
 
   def encode(self, obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray
@@ -368,16 +378,22 @@ def _text_forward_flops(text: Any, queries: int, keys: int) -> int:
 
 
 def _vision_forward_flops(vision: Any, patches_per_image: int, num_images: int) -> int:
-  """Matmul FLOPs of the vision tower (windowed blocks attend within a window)."""
+  """Matmul FLOPs of the vision tower: Qwen2.5-VL's windowed blocks attend within a window and
+  have a gated (3-matrix) MLP; Qwen3-VL's attend over the frame, have a 2-matrix MLP and one
+  merger per DeepStack map besides the final one."""
   hv, n = vision.hidden_size, patches_per_image * num_images
-  window = min((vision.window_size // vision.patch_size) ** 2, patches_per_image)
+  windowed = hasattr(vision, "fullatt_block_indexes")
+  mlp_matrices = 3 if windowed else 2
+  window = (min((vision.window_size // vision.patch_size) ** 2, patches_per_image) if windowed
+            else patches_per_image)
   blocks = 0
   for i in range(vision.depth):
-    keys = patches_per_image if i in vision.fullatt_block_indexes else window
-    blocks += n * (4 * hv * hv + 3 * hv * vision.intermediate_size + 2 * keys * hv)
+    keys = window if windowed and i not in vision.fullatt_block_indexes else patches_per_image
+    blocks += n * (4 * hv * hv + mlp_matrices * hv * vision.intermediate_size + 2 * keys * hv)
   merged = n // vision.spatial_merge_size ** 2
   unit = hv * vision.spatial_merge_size ** 2
-  merger = merged * (unit * unit + unit * vision.out_hidden_size)
+  mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", ()))
+  merger = mergers * merged * (unit * unit + unit * vision.out_hidden_size)
   return 2 * (n * vision.patch_dim * hv + blocks + merger)
 
 

@@ -7,7 +7,7 @@ import os
 import ml_collections
 
 from twinbrain_jax.data import generate
-from twinbrain_jax.models.qwen25vl import Qwen25VLConfig
+from twinbrain_jax.models import backbones
 from twinbrain_jax.models.tokenizer import write_synthetic_tokenizer
 
 _SCHEMAS = {"bridge_dataset": generate.BRIDGE, "bridge_orig": generate.BRIDGE,
@@ -23,7 +23,7 @@ def write_tokenizer(directory: str, model_config: ml_collections.ConfigDict,
                     corpus: list[str]) -> None:
   """A synthetic BPE tokenizer for `model_config`'s backbone (its special-token ids, the right
   brain's `<|action|>`/`<|propri|>` rows reserved), learned from `corpus`, in `directory`."""
-  backbone = Qwen25VLConfig.from_config_dict(model_config.backbone)
+  backbone = backbones.config_from_dict(model_config.backbone)
   write_synthetic_tokenizer(directory, backbone, corpus,
                             reserved_ids=(model_config.action_token_id,
                                           model_config.propri_token_id))

@@ -144,7 +144,8 @@ def create_train_state(model: TwinBrainVLA, tx: optax.GradientTransformation, me
 def load_pretrained_backbones(state: TrainState, shardings: TrainState, model_cfg: TwinBrainConfig,
                               hf_checkpoint: str, mesh: Mesh,
                               rules: sharding_lib.LogicalRules) -> TrainState:
-  """Replaces both brains by a Hugging Face Qwen2.5-VL checkpoint (left and right alike).
+  """Replaces both brains by a Hugging Face Qwen2.5-VL / Qwen3-VL checkpoint (left and right
+  alike).
 
   The right brain holds the checkpoint's values in `model_cfg.param_dtype`, the frozen left
   brain their cast to `model_cfg.left_param_dtype`; both carry the shardings of `shardings`.
