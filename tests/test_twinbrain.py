@@ -106,12 +106,12 @@ def test_right_tokens_cannot_see_left_padding(tiny):
   np.testing.assert_array_equal(np.asarray(right)[valid], np.asarray(right_changed)[valid])
 
 
+@pytest.mark.parametrize("tiny", ["qwen3vl_tiny"], indirect=True)  # DeepStack is Qwen3-VL's.
 def test_qwen3vl_deepstack_feeds_each_brains_own_stream(tiny):
   """Each brain adds the DeepStack maps of its own vision tower: changing the right brain's
   DeepStack merger moves only the right stream; changing the left one's moves the left stream."""
   config, model, params, obs, grid = tiny
-  if config.backbone.family != "qwen3vl":
-    pytest.skip("DeepStack is Qwen3-VL's")
+  assert config.backbone.family == "qwen3vl"
   left, right = _brains(model, params, obs, grid)
 
   def scaled(side):
