@@ -105,27 +105,40 @@ class TextConfig:
   @classmethod
   def from_hf(cls, d: Mapping[str, Any], tie_word_embeddings: bool | None = None) -> TextConfig:
     """From an HF text config dict (`text_config`, or the flat top level of older files)."""
-    where = "config.json text config"
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", d.get("rope_theta", 1e6))
-    if "mrope_section" not in rope:
-      raise KeyError(f"{where} has no `mrope_section` in rope_parameters / rope_scaling; "
-                     "is this a Qwen2.5-VL config?")
     if tie_word_embeddings is None:
       tie_word_embeddings = d.get("tie_word_embeddings", False)
-    return cls(
-        hidden_size=int(_get(d, "hidden_size", where)),
-        num_hidden_layers=int(_get(d, "num_hidden_layers", where)),
-        num_attention_heads=int(_get(d, "num_attention_heads", where)),
-        num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-        intermediate_size=int(_get(d, "intermediate_size", where)),
-        vocab_size=int(_get(d, "vocab_size", where)),
-        tie_word_embeddings=bool(tie_word_embeddings),
-        mrope_section=tuple(int(s) for s in rope["mrope_section"]),
-        rope_theta=float(theta),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        hidden_act=str(d.get("hidden_act", "silu")),
-        max_position_embeddings=int(d.get("max_position_embeddings", 128000)))
+    return cls(**hf_text_fields(d, tie_word_embeddings, family="Qwen2.5-VL", rope_theta=1e6,
+                                max_position_embeddings=128000))
+
+
+def hf_text_fields(d: Mapping[str, Any], tie_word_embeddings: bool, *, family: str,
+                   rope_theta: float, max_position_embeddings: int) -> dict[str, Any]:
+  """The text-config fields Qwen2.5-VL and Qwen3-VL read alike from an HF text config dict
+  (`rope_parameters`, or `rope_scaling` + `rope_theta` in older files); `rope_theta` and
+  `max_position_embeddings` are the family's defaults for keys the file leaves out."""
+  rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  if "mrope_section" not in rope:
+    raise KeyError("config.json text config has no `mrope_section` in rope_parameters / "
+                   f"rope_scaling; is this a {family} config?")
+
+  def need(key: str) -> Any:
+    if key not in d:
+      raise KeyError(f"config.json text config has no field {key!r}; is this a {family} config?")
+    return d[key]
+
+  return dict(
+      hidden_size=int(need("hidden_size")),
+      num_hidden_layers=int(need("num_hidden_layers")),
+      num_attention_heads=int(need("num_attention_heads")),
+      num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+      intermediate_size=int(need("intermediate_size")),
+      vocab_size=int(need("vocab_size")),
+      tie_word_embeddings=bool(tie_word_embeddings),
+      mrope_section=tuple(int(s) for s in rope["mrope_section"]),
+      rope_theta=float(rope.get("rope_theta", d.get("rope_theta", rope_theta))),
+      rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+      hidden_act=str(d.get("hidden_act", "silu")),
+      max_position_embeddings=int(d.get("max_position_embeddings", max_position_embeddings)))
 
 
 @dataclasses.dataclass(frozen=True)

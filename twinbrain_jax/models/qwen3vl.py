@@ -99,25 +99,10 @@ class TextConfig:
   def from_hf(cls, d: Mapping[str, Any], tie_word_embeddings: bool) -> TextConfig:
     """From the HF `text_config` dict (`rope_parameters`, or `rope_scaling` + `rope_theta` in
     the released files)."""
-    where = "config.json text_config"
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if "mrope_section" not in rope:
-      raise KeyError(f"{where} has no `mrope_section` in rope_parameters / rope_scaling; "
-                     "is this a Qwen3-VL config?")
-    return cls(
-        hidden_size=int(_get(d, "hidden_size", where)),
-        num_hidden_layers=int(_get(d, "num_hidden_layers", where)),
-        num_attention_heads=int(_get(d, "num_attention_heads", where)),
-        num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-        head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
-        intermediate_size=int(_get(d, "intermediate_size", where)),
-        vocab_size=int(_get(d, "vocab_size", where)),
-        tie_word_embeddings=bool(tie_word_embeddings),
-        mrope_section=tuple(int(s) for s in rope["mrope_section"]),
-        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 5e6))),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        hidden_act=str(d.get("hidden_act", "silu")),
-        max_position_embeddings=int(d.get("max_position_embeddings", 262144)))
+    fields = qwen25vl.hf_text_fields(d, tie_word_embeddings, family="Qwen3-VL", rope_theta=5e6,
+                                     max_position_embeddings=262144)
+    head_dim = d.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]
+    return cls(head_dim=int(head_dim), **fields)
 
 
 @dataclasses.dataclass(frozen=True)
