@@ -41,8 +41,12 @@ class PolicyDirs:
 
 @pytest.fixture(scope="session")
 def tiny_policy_dirs(tmp_path_factory, oxe_data_dir) -> PolicyDirs:
-  root = tmp_path_factory.mktemp("tiny_policy")
-  config = twinbrain_configs.get_config("tiny")
+  return make_policy_dirs(tmp_path_factory.mktemp("tiny_policy"), oxe_data_dir, "tiny")
+
+
+def make_policy_dirs(root: pathlib.Path, oxe_data_dir: str, preset: str) -> PolicyDirs:
+  """The checkpoint and bundle of `configs/twinbrain.py:<preset>`'s initial train state."""
+  config = twinbrain_configs.get_config(preset)
   config.data.data_dir = oxe_data_dir
   model_config = state_lib.model_config(config)
   write_synthetic_tokenizer(root / "tokenizer", model_config.backbone, CORPUS,

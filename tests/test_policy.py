@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fixtures_data import oxe_data_dir  # noqa: F401  (pytest fixture)
-from fixtures_serving import bad_observation, observation, tiny_policy_dirs  # noqa: F401
+from fixtures_serving import (bad_observation, make_policy_dirs, observation,  # noqa: F401
+                              tiny_policy_dirs)
 from twinbrain_jax.data import normalization
 from twinbrain_jax.data.pipeline import DataPipeline
 from twinbrain_jax.models.twinbrain import sample_actions
@@ -146,3 +147,18 @@ def test_libra_runtime_options_on_a_twinbrain_bundle_are_named(tiny_policy_dirs)
   with pytest.raises(ValueError,
                      match=r"TwinBrain policy; the Libra-VLA runtime options \(mode;.*leave them out"):
     Policy.load(tiny_policy_dirs.bundle_dir, mode="async")
+
+
+def test_a_qwen3vl_policy_exports_and_serves(tmp_path, oxe_data_dir):
+  """`qwen3vl_tiny` through checkpoint -> bundle -> Policy: the bundle rebuilds the Qwen3-VL
+  model, images go through its processor (patch 16) and the policy returns finite actions, the
+  same for the same seed."""
+  dirs = make_policy_dirs(tmp_path, oxe_data_dir, "qwen3vl_tiny")
+  policy = Policy.load(dirs.bundle_dir)
+  assert policy.bundle.model.config.backbone.family == "qwen3vl"
+  obs = observation(seed=3, dataset="bridge_dataset")
+  batch = policy.model_batch([policy.check(obs)])
+  assert batch["pixel_values"].shape[1] == 3 * 2 * 16 * 16  # C x T x patch 16 x 16
+  actions = policy.infer(dict(obs, seed=5))["actions"]
+  assert actions.shape == (policy.action_horizon, 7) and np.isfinite(actions).all()
+  np.testing.assert_array_equal(policy.infer(dict(obs, seed=5))["actions"], actions)
