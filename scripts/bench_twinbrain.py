@@ -138,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, compilation_cache=False)
