@@ -10,8 +10,8 @@ loaded by `hf_loading`); inputs are one 224x224 image per sample (64 merged imag
 Qwen2.5-VL's patch 14, 49 for Qwen3-VL's patch 16) in the Qwen chat template around a 12-word instruction. Per batch size it prints the median (and min)
 of `runs` timed forwards after `warmup` untimed ones, the two models alternating run by run so
 that both see the same background load, the Flax compile time (reported apart), the ratio, and
-the max |logit difference| as a sanity check; the table also goes into docs/benchmarks.md (one
-section per preset).
+the max |logit difference| as a sanity check; `--docs=docs/benchmarks.md` also writes the table
+there (one section per preset, replacing that preset's previous one).
 
 The Flax time covers the host-side `get_rope_index` and the jitted forward until the logits are
 ready; the PyTorch time covers `model(...)` under `torch.no_grad()` (which computes the rope
@@ -41,7 +41,8 @@ _HF_CLASSES = dict(qwen25vl=("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGenera
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to time.")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed forwards per setting (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed forwards before timing.")
-_DOCS = flags.DEFINE_string("docs", "docs/benchmarks.md", "Markdown file to update ('' = none).")
+_DOCS = flags.DEFINE_string("docs", "", "Markdown file whose section for this preset the table "
+                            "replaces, e.g. docs/benchmarks.md ('' = print only).")
 
 _INSTRUCTION_WORDS = 12
 # Template tokens around the instruction: <|im_start|> user \n <|vision_start|> ...

@@ -3,16 +3,19 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU aborts the process when one of the fake devices has not reached a collective 40 s after
+# the others (`rendezvous.cc: Termination timeout ... Exiting`), which a starved thread on 2 loaded
+# cores can take: wait up to 30 minutes instead (the test run's own hang timeout), for this process
+# and the scripts it starts.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+                              " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-
-# Every compile of this test process and of the scripts its tests start goes through a
-# persistent compilation cache of its own (the scripts' default, ~/.cache, stays untouched): the
-# same tiny steps, compiled again by other tests and script runs, load instead of compiling.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix="twinbrain_jax_test_xla_cache_")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+# No persistent compilation cache in the tests, nor in the scripts they start ('' turns the
+# scripts' default ~/.cache/twinbrain_jax/xla off): every test compiles what it checks and
+# nothing is written outside the test's directories (the cache is tested on its own).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = ""
 
 import sys  # noqa: E402
 
@@ -29,8 +32,3 @@ def pytest_runtest_call(item):
     raise AssertionError(f"{item.nodeid} loaded TensorFlow into the pytest worker; run the "
                          "TensorFlow part in a subprocess (see tests/test_data_convert.py).")
   return result
-
-
-def pytest_unconfigure(config):
-  del config
-  shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
