@@ -43,7 +43,9 @@ LOSS_RTOL, PARAM_TOL = 1e-5, 1e-2
 # invariant to adding q.b to every key), so their Adam updates are normalised rounding noise
 # (of the order of the learning rate times the step count) in any two runs that sum in another
 # order: they are left out of the parameter comparison.
-_NOISE_ONLY = re.compile(r"\['action_expert'\]\['block_\d+'\]\['attn'\]\['key'\]\['bias'\]")
+# Unrolled: block_0 (cross) and block_1 (self); scanned: blocks/{cross,self}_attention.
+_NOISE_ONLY = re.compile(r"\['action_expert'\]\[('block_\d+'|'blocks'\]\['\w+_attention')\]"
+                         r"\['attn'\]\['key'\]\['bias'\]")
 
 # Runs scripts/train.py in one process of the job; records its pid and its `TrainResult`
 # (full-precision losses) under OUT. Process SIGNALLED_PROCESS, after step STOP_STEP, publishes
@@ -190,7 +192,7 @@ def _assert_params_close(got_tree, want_tree, summed_lr: float) -> float:
   want = {jax.tree_util.keystr(path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(want_tree)[0]}
   assert got.keys() == want.keys()
-  assert len([k for k in got if _NOISE_ONLY.fullmatch(k)]) == 2  # The two expert blocks.
+  assert len([k for k in got if _NOISE_ONLY.fullmatch(k)]) == 2  # Cross and self blocks.
   largest = 0.0
   for key in sorted(got):
     if _NOISE_ONLY.fullmatch(key):
