@@ -1,10 +1,13 @@
 """Benchmarks TwinBrainVLA: train-step time, action-chunk latency (cached context vs recomputing
 the brains every ODE step) and the analytic FLOPs of a train step.
 
-  python scripts/bench_twinbrain.py --presets=tiny,small
+  python scripts/bench_twinbrain.py --presets=tiny,small [--torch]
 
 Inputs follow the benchmark convention: one 224x224 image per sample (16x16 patches, 64 merged
 image tokens) and a 12-word instruction (~24 prompt tokens); train batch 4, inference batch 1.
+`--torch` also times the same train step and chunk in PyTorch (`models/torch_reference.py`:
+HF transformers' Qwen2.5-VL brains, AsyMoT through the left brain's KV cache, the same DiT;
+`tests/test_torch_reference.py` checks it computes the same loss and gradients), fp32 only.
 """
 
 import pathlib
@@ -33,6 +36,11 @@ _TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 24, "Instruction tokens per p
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (model.dtype); parameters stay fp32.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scanned (True) or unrolled layer stacks.")
+_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch twin of the step and chunk "
+                           "(needs torch and transformers, `make install`'s test extra).")
+flags.register_multi_flags_validator(
+    ["torch", "dtype"], lambda f: not f["torch"] or f["dtype"] == "float32",
+    "--torch compares fp32 steps; leave --dtype at float32.")
 
 IMAGE_GRID = (1, 16, 16)  # 224 x 224 pixels.
 
@@ -109,6 +117,8 @@ def bench_preset(preset, repeats):
                                                   repeats)
   naive_compile, naive_s, _ = _compile_and_time(naive, (params, obs1, jax.random.key(2)), repeats)
 
+  torch_row = (bench_torch(config, obs, grid, batch, obs1, grid1, num_repeats, num_steps, repeats)
+               if _TORCH.value else {})
   flops = train_step_flops(config, batch_size, obs["left_input_ids"].shape[1],
                            obs["right_input_ids"].shape[1], int(np.prod(IMAGE_GRID)), num_repeats)
   num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -116,7 +126,42 @@ def bench_preset(preset, repeats):
               train_compile_s=train_compile, gflops=flops["total"] / 1e9,
               gflops_per_s=flops["total"] / 1e9 / train_s, cached_ms=1e3 * cached_s,
               cached_compile_s=cached_compile, naive_ms=1e3 * naive_s,
-              naive_compile_s=naive_compile)
+              naive_compile_s=naive_compile, **torch_row)
+
+
+def bench_torch(config, obs, grid, batch, obs1, grid1, num_repeats, num_steps, repeats):
+  """The PyTorch twin's train step (loss, backward, AdamW) and cached-context chunk, in ms."""
+  import torch  # A benchmark/test dependency.
+
+  from twinbrain_jax.models import torch_reference
+
+  model = torch_reference.TwinBrainVLA(config, torch_reference.hf_backbone(config, 0).model,
+                                       torch_reference.hf_backbone(config, 1).model)
+  optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+  torch_obs = torch_reference.observation_to_torch(obs)
+  torch_grid = torch.as_tensor(np.asarray(grid, np.int64))
+  actions = torch.from_numpy(np.asarray(batch["actions"]))
+  generator = torch.Generator().manual_seed(0)
+
+  def train_step():
+    noise, t = torch_reference.draw_noise_and_time(actions.shape[0], num_repeats,
+                                                   actions.shape[1:], generator)
+    optimizer.zero_grad(set_to_none=True)
+    model.flow_loss(torch_obs, torch_grid, actions, noise, t).backward()
+    optimizer.step()
+
+  obs1_torch = torch_reference.observation_to_torch(obs1)
+  grid1_torch = torch.as_tensor(np.asarray(grid1, np.int64))
+  noise1 = torch.randn((1,) + tuple(actions.shape[1:]), generator=generator)
+
+  def chunk():
+    model.sample_actions(obs1_torch, grid1_torch, noise1, num_steps)
+
+  train_step()  # warm-up
+  chunk()
+  return dict(torch_train_ms=1e3 * cli.median_seconds(train_step, repeats),
+              torch_cached_ms=1e3 * cli.median_seconds(chunk, repeats),
+              torch_threads=torch.get_num_threads())
 
 
 def main(argv):
@@ -125,17 +170,24 @@ def main(argv):
   print(f"\nTwinBrainVLA on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
         f"compute {_DTYPE.value}, fp32 parameters, {'scanned' if _SCAN.value else 'unrolled'} "
         f"layers, train batch {_TRAIN_BATCH.value}, inference batch 1, median of {_REPEATS.value} runs\n")
-  header = ("| preset | params (M) | train step (ms) | compile (s) | GFLOP/step | GFLOP/s | "
-            "chunk, cached (ms) | compile (s) | chunk, brains per step (ms) | compile (s) | "
-            "speed-up |")
-  print(header)
-  print("|" + "---|" * (header.count("|") - 1))
-  for r in rows:
-    print(f"| {r['preset']} | {r['params_m']:.1f} | {r['train_ms']:.1f} | "
-          f"{r['train_compile_s']:.1f} | {r['gflops']:.2f} | {r['gflops_per_s']:.1f} | "
-          f"{r['cached_ms']:.1f} | {r['cached_compile_s']:.1f} | {r['naive_ms']:.1f} | "
-          f"{r['naive_compile_s']:.1f} | {r['naive_ms'] / r['cached_ms']:.2f}x |")
-
+  print(cli.markdown_table(
+      ["preset", "params (M)", "train step (ms)", "compile (s)", "GFLOP/step", "GFLOP/s",
+       "chunk, cached (ms)", "compile (s)", "chunk, brains per step (ms)", "compile (s)",
+       "speed-up"],
+      [[r["preset"], f"{r['params_m']:.1f}", f"{r['train_ms']:.1f}",
+        f"{r['train_compile_s']:.1f}", f"{r['gflops']:.2f}", f"{r['gflops_per_s']:.1f}",
+        f"{r['cached_ms']:.1f}", f"{r['cached_compile_s']:.1f}", f"{r['naive_ms']:.1f}",
+        f"{r['naive_compile_s']:.1f}", f"{r['naive_ms'] / r['cached_ms']:.2f}x"] for r in rows]))
+  if _TORCH.value:
+    print(f"\nAgainst the PyTorch twin (torch {rows[0]['torch_threads']} threads, fp32; ratio "
+          "> 1: JAX is faster)\n")
+    print(cli.markdown_table(
+        ["preset", "train step, JAX (ms)", "train step, PyTorch (ms)", "PyTorch / JAX",
+         "chunk, JAX (ms)", "chunk, PyTorch (ms)", "PyTorch / JAX"],
+        [[r["preset"], f"{r['train_ms']:.1f}", f"{r['torch_train_ms']:.1f}",
+          f"{r['torch_train_ms'] / r['train_ms']:.2f}x", f"{r['cached_ms']:.1f}",
+          f"{r['torch_cached_ms']:.1f}", f"{r['torch_cached_ms'] / r['cached_ms']:.2f}x"]
+         for r in rows]))
 
 if __name__ == "__main__":
   cli.run(main, compilation_cache=False)

@@ -6,7 +6,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
@@ -84,6 +84,12 @@ def run(main: Callable[[list[str]], None], *, compilation_cache: bool = True) ->
       sys.exit(f"error: {e}")
 
   app.run(checked_main, flags_parser=_parse_flags_or_exit)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A markdown table of string cells, for the `scripts/bench_*.py` outputs."""
+  lines = [header, ["---"] * len(header), *rows]
+  return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
