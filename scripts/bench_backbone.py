@@ -20,7 +20,6 @@ index inside). Pixel preprocessing is excluded from both.
 
 import os
 import pathlib
-import statistics
 import tempfile
 import time
 
@@ -68,21 +67,6 @@ def _inputs(config, batch_size, rng):
                 + template[3:])
   ids = np.asarray(rows, np.int64)
   return ids, np.ones_like(ids), pixel_values, grid, num_image
-
-
-def _time_interleaved(fns, runs, warmup):
-  """Times each of `fns` `runs` times, alternating between them so that both see the same
-  background load; returns per function (median, min) seconds."""
-  for fn in fns:
-    for _ in range(warmup):
-      fn()
-  times = [[] for _ in fns]
-  for _ in range(runs):
-    for fn, out in zip(fns, times):
-      start = time.perf_counter()
-      fn()
-      out.append(time.perf_counter() - start)
-  return [(statistics.median(t), min(t)) for t in times]
 
 
 def _write_docs(path, header, rows, context, preset):
@@ -153,7 +137,7 @@ def main(argv):
 
     flax_logits = np.asarray(flax_forward())
     error = float(np.abs(flax_logits - torch_forward().numpy()).max())
-    (flax_s, flax_min), (torch_s, torch_min) = _time_interleaved(
+    (flax_s, flax_min), (torch_s, torch_min) = cli.interleaved_seconds(
         [flax_forward, torch_forward], _RUNS.value, _WARMUP.value)
     row = [str(batch_size), str(ids.shape[1]), f"{flax_s * 1e3:.1f}", f"{torch_s * 1e3:.1f}",
            f"{torch_s / flax_s:.2f}", f"{flax_min * 1e3:.1f}", f"{torch_min * 1e3:.1f}",
