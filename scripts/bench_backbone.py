@@ -8,8 +8,8 @@ against `Qwen2_5_VLForConditionalGeneration` / `Qwen3VLForConditionalGeneration`
 Both models hold the same random weights (the PyTorch model is saved with `save_pretrained` and
 loaded by `hf_loading`); inputs are one 224x224 image per sample (64 merged image tokens for
 Qwen2.5-VL's patch 14, 49 for Qwen3-VL's patch 16) in the Qwen chat template around a 12-word instruction. Per batch size it prints the median (and min)
-of `runs` timed forwards after `warmup` untimed ones, the two models alternating run by run so
-that both see the same background load, the Flax compile time (reported apart), the ratio, and
+of `runs` timed forwards, the two models alternating in blocks of 5 (each block after `warmup`
+untimed forwards) so that both see the same background load, the Flax compile time (reported apart), the ratio, and
 the max |logit difference| as a sanity check; `--docs=docs/benchmarks.md` also writes the table
 there (one section per preset, replacing that preset's previous one).
 
@@ -39,7 +39,7 @@ _HF_CLASSES = dict(qwen25vl=("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGenera
                    qwen3vl=("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"))
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to time.")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed forwards per setting (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed forwards before timing.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed forwards before each block of 5 timed ones.")
 _DOCS = flags.DEFINE_string("docs", "", "Markdown file whose section for this preset the table "
                             "replaces, e.g. docs/benchmarks.md ('' = print only).")
 
@@ -138,7 +138,7 @@ def main(argv):
     flax_logits = np.asarray(flax_forward())
     error = float(np.abs(flax_logits - torch_forward().numpy()).max())
     (flax_s, flax_min), (torch_s, torch_min) = cli.interleaved_seconds(
-        [flax_forward, torch_forward], _RUNS.value, _WARMUP.value)
+        [flax_forward, torch_forward], _RUNS.value, _WARMUP.value, block=5)
     row = [str(batch_size), str(ids.shape[1]), f"{flax_s * 1e3:.1f}", f"{torch_s * 1e3:.1f}",
            f"{torch_s / flax_s:.2f}", f"{flax_min * 1e3:.1f}", f"{torch_min * 1e3:.1f}",
            f"{compile_seconds:.2f}", f"{error:.1e}"]
@@ -156,8 +156,9 @@ def main(argv):
         f"({os.cpu_count()} cores; torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads, jax {jax.__version__}). One 224x224 image per sample ({num_image} merged "
         f"image tokens) and a {_INSTRUCTION_WORDS}-word instruction in the chat template. "
-        f"Median (and min) of {_RUNS.value} forwards after {_WARMUP.value} warm-up runs, the two "
-        "models alternating run by run; Flax compile time measured apart (lower + compile). "
+        f"Median (and min) of {_RUNS.value} forwards, the two models alternating in blocks of 5, "
+        f"each after {_WARMUP.value} untimed ones; Flax compile time measured apart (lower + "
+        "compile). "
         "Ratio of medians; > 1: Flax is faster. 1-minute load "
         f"average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after the run (a load "
         "above the core count means other processes shared the CPU and the times are noisy).")

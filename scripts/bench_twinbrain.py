@@ -123,9 +123,10 @@ def bench_preset(preset, repeats):
                                                          num_repeats, num_steps)
     train_args = (trainable, opt_state, batch, jax.random.key(1))
     (jax_train_s, _), (torch_train_s, _) = cli.interleaved_seconds(
-        [lambda: train_compiled(*train_args), torch_train], repeats)
+        [lambda: train_compiled(*train_args), torch_train], repeats, block=3)
     (jax_chunk_s, _), (torch_chunk_s, _) = cli.interleaved_seconds(
-        [lambda: cached_compiled(params, obs1, jax.random.key(2)), torch_chunk], repeats)
+        [lambda: cached_compiled(params, obs1, jax.random.key(2)), torch_chunk], repeats,
+        block=3)
     torch_row = dict(jax_train_ms=1e3 * jax_train_s, torch_train_ms=1e3 * torch_train_s,
                      jax_chunk_ms=1e3 * jax_chunk_s, torch_chunk_ms=1e3 * torch_chunk_s)
   flops = train_step_flops(config, batch_size, obs["left_input_ids"].shape[1],
@@ -186,7 +187,7 @@ def main(argv):
   if _TORCH.value:
     import torch  # pylint: disable=g-import-not-at-top
     print(f"\nAgainst the PyTorch twin (torch {torch.__version__}, {torch.get_num_threads()} "
-          "threads, fp32), the two timed alternately run by run; ratio > 1: JAX is faster\n")
+          "threads, fp32), timed in alternating blocks of 3 runs, each after an untimed one; ratio > 1: JAX is faster\n")
     print(cli.markdown_table(
         ["preset", "train step, JAX (ms)", "train step, PyTorch (ms)", "PyTorch / JAX",
          "chunk, JAX (ms)", "chunk, PyTorch (ms)", "PyTorch / JAX"],

@@ -10,8 +10,8 @@ way a PyTorch implementation would. The state encoder and the action expert (GR0
 `dit.py`) are written out below with the Flax modules' parameter layout, so `from_flax` can copy
 a Flax model's weights.
 
-torch and transformers are benchmark/test dependencies (`requirements/test.txt`), not runtime
-ones: only `scripts/bench_twinbrain.py --torch` and the tests import this module.
+torch and transformers are benchmark/test dependencies (`pyproject.toml`'s `test` extra), not
+runtime ones: only `scripts/bench_twinbrain.py --torch` and the tests import this module.
 """
 
 from __future__ import annotations
