@@ -132,8 +132,8 @@ def bench_preset(preset, repeats):
   flops = train_step_flops(config, batch_size, obs["left_input_ids"].shape[1],
                            obs["right_input_ids"].shape[1], int(np.prod(IMAGE_GRID)), num_repeats)
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  return dict(preset=preset, params_m=num_params / 1e6, train_ms=1e3 * train_s,
-              train_compile_s=train_compile, gflops=flops["total"] / 1e9,
+  return dict(preset=preset, remat=config.remat_policy, params_m=num_params / 1e6,
+              train_ms=1e3 * train_s, train_compile_s=train_compile, gflops=flops["total"] / 1e9,
               gflops_per_s=flops["total"] / 1e9 / train_s, cached_ms=1e3 * cached_s,
               cached_compile_s=cached_compile, naive_ms=1e3 * naive_s,
               naive_compile_s=naive_compile, **torch_row)
@@ -170,12 +170,14 @@ def torch_twin_step_and_chunk(config, obs, grid, batch, obs1, grid1, num_repeats
 
   return train_step, chunk
 
+
 def main(argv):
   del argv
   rows = [bench_preset(p, _REPEATS.value) for p in _PRESETS.value]
   print(f"\nTwinBrainVLA on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
         f"compute {_DTYPE.value}, fp32 parameters, {'scanned' if _SCAN.value else 'unrolled'} "
-        f"layers, train batch {_TRAIN_BATCH.value}, inference batch 1, median of {_REPEATS.value} runs\n")
+        f"layers, remat {rows[0]['remat']}, train batch {_TRAIN_BATCH.value}, inference batch 1, "
+        f"median of {_REPEATS.value} runs\n")
   print(cli.markdown_table(
       ["preset", "params (M)", "train step (ms)", "compile (s)", "GFLOP/step", "GFLOP/s",
        "chunk, cached (ms)", "compile (s)", "chunk, brains per step (ms)", "compile (s)",
@@ -187,7 +189,8 @@ def main(argv):
   if _TORCH.value:
     import torch  # pylint: disable=g-import-not-at-top
     print(f"\nAgainst the PyTorch twin (torch {torch.__version__}, {torch.get_num_threads()} "
-          "threads, fp32), timed in alternating blocks of 3 runs, each after an untimed one; ratio > 1: JAX is faster\n")
+          "threads, fp32), timed in alternating blocks of 3 runs, each after an untimed one; "
+          "ratio > 1: JAX is faster\n")
     print(cli.markdown_table(
         ["preset", "train step, JAX (ms)", "train step, PyTorch (ms)", "PyTorch / JAX",
          "chunk, JAX (ms)", "chunk, PyTorch (ms)", "PyTorch / JAX"],
@@ -195,6 +198,7 @@ def main(argv):
           f"{r['torch_train_ms'] / r['jax_train_ms']:.2f}x", f"{r['jax_chunk_ms']:.1f}",
           f"{r['torch_chunk_ms']:.1f}", f"{r['torch_chunk_ms'] / r['jax_chunk_ms']:.2f}x"]
          for r in rows]))
+
 
 if __name__ == "__main__":
   cli.run(main, compilation_cache=False)
