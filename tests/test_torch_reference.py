@@ -147,3 +147,10 @@ def test_observation_missing_a_key_is_named():
   del obs["state"]
   with pytest.raises(KeyError, match="state"):
     torch_reference.observation_to_torch(obs)
+
+
+def test_padded_prompts_are_refused():
+  config = tiny_config()
+  obs, _ = make_obs(config, text_lengths=(5, 9))  # the shorter row is padded
+  with pytest.raises(ValueError, match="attention_mask has padding"):
+    torch_reference.observation_to_torch(obs)

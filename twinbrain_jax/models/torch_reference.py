@@ -267,10 +267,15 @@ def draw_noise_and_time(batch: int, num_repeats: int, chunk_shape: tuple[int, in
 
 
 def observation_to_torch(obs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-  """The brains' inputs (numpy/JAX arrays) as torch tensors (ids and positions int64)."""
+  """The brains' inputs (numpy/JAX arrays) as torch tensors (ids and positions int64); padded
+  prompts are refused."""
   missing = [key for key in OBSERVATION_KEYS if key not in obs]
   if missing:
     raise KeyError(f"observation_to_torch: the observation lacks {missing}.")
+  for key in ("left_attention_mask", "right_attention_mask"):
+    if key in obs and not np.all(np.asarray(obs[key])):
+      raise ValueError(f"observation_to_torch: {key} has padding; the PyTorch twin takes "
+                       "unpadded prompts only (give every row of the batch the same length).")
   out = {}
   for key in OBSERVATION_KEYS:
     value = np.asarray(obs[key])
