@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import torch
 import transformers
@@ -307,13 +308,7 @@ def _block_params(params: Mapping[str, Any], config: ActionExpertConfig, index: 
     return params[f"block_{index}"]
   group, role = divmod(index, config.blocks_per_group)
   stacked = params["blocks"][("cross_attention", "self_attention")[role]]
-  return _take(stacked, group)
-
-
-def _take(tree: Any, index: int) -> Any:
-  if isinstance(tree, Mapping):
-    return {k: _take(v, index) for k, v in tree.items()}
-  return np.asarray(tree)[index]
+  return jax.tree.map(lambda x: np.asarray(x)[group], stacked)
 
 
 def load_flax_expert(expert: ActionExpert, params: Mapping[str, Any]) -> None:
