@@ -7,10 +7,11 @@ against `Qwen2_5_VLForConditionalGeneration` / `Qwen3VLForConditionalGeneration`
 
 Both models hold the same random weights (the PyTorch model is saved with `save_pretrained` and
 loaded by `hf_loading`); inputs are one 224x224 image per sample (64 merged image tokens for
-Qwen2.5-VL's patch 14, 49 for Qwen3-VL's patch 16) in the Qwen chat template around a 12-word instruction. Per batch size it prints the median (and min)
-of `runs` timed forwards, the two models alternating in blocks of 5 (each block after `warmup`
-untimed forwards) so that both see the same background load, the Flax compile time (reported apart), the ratio, and
-the max |logit difference| as a sanity check; `--docs=docs/benchmarks.md` also writes the table
+Qwen2.5-VL's patch 14, 49 for Qwen3-VL's patch 16) in the Qwen chat template around a 12-word
+instruction. Per batch size it prints the median (and min) of `runs` timed forwards, the two
+models alternating in blocks of 5 (each block after `warmup` untimed forwards) so that both see
+the same background load, the Flax compile time (reported apart), the ratio, and the max
+|logit difference| as a sanity check; `--docs=docs/benchmarks.md` also writes the table
 there (one section per preset, replacing that preset's previous one).
 
 The Flax time covers the host-side `get_rope_index` and the jitted forward until the logits are

@@ -95,15 +95,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
   """The median wall time of `repeats` calls of `fn`, each waited for (`jax.block_until_ready`);
   for the `scripts/bench_*.py` tables."""
-  import time  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return interleaved_seconds([fn], repeats, warmup=0, block=repeats)[0][0]
 
 
 def interleaved_seconds(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 1,
