@@ -74,8 +74,9 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype
   m.param_dtype = "float32"  # trainable parts
   m.left_param_dtype = "bfloat16"  # frozen left brain storage
-  # Per right-brain layer and vision block: "dots" keeps matmul outputs and recomputes the rest
-  # in the backward pass; on CPU it is also the fastest (docs/benchmarks.md). "none", "full".
+  # Per right-brain layer, vision block and DiT block (`action_expert.remat_policy` overrides it
+  # for the DiT): "dots" keeps matmul outputs and recomputes the rest in the backward pass; on
+  # CPU it is also the fastest (docs/benchmarks.md). "none", "full".
   m.remat_policy = "dots"
   # Layers as one `nn.scan` (params stacked on a `layers` axis): compiles one layer, not all.
   # False unrolls them (`layers_{i}` params), e.g. to inspect one layer while debugging.

@@ -160,11 +160,13 @@ def test_bfloat16_compute_tracks_float32():
   assert error < 0.05 * np.abs(reference).max(), error
 
 
-def test_remat_gives_the_same_values_and_gradients():
-  config = _config(dropout=0.1)
+@pytest.mark.parametrize("policy", ["dots", "full"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_gives_the_same_values_and_gradients(policy, scan_layers):
+  config = _config(dropout=0.1, scan_layers=scan_layers)
   inputs = _inputs(config)
   model, _, params = _init(config, inputs)
-  remat_model = ActionExpert(dataclasses.replace(config, remat=True))
+  remat_model = ActionExpert(dataclasses.replace(config, remat_policy=policy))
 
   def grads(model):
     def loss(p):
@@ -272,6 +274,8 @@ def test_bad_inputs_raise_clear_errors():
     _apply(model, params, inputs, context_mask=jnp.ones((BATCH, 2), bool))
   with pytest.raises(ValueError, match="num_heads"):
     ActionExpertConfig(num_heads=0)
+  with pytest.raises(ValueError, match=r"ActionExpertConfig.remat_policy=True is not a remat policy"):
+    ActionExpertConfig(remat_policy=True)
 
 
 def test_config_from_config_dict():

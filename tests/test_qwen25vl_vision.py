@@ -227,15 +227,24 @@ def test_small_preset_one_224_image_matches_hf():
   assert err < PARITY_ATOL
 
 
-def test_remat_gives_the_same_gradients(tiny_vision):
+@pytest.mark.parametrize("policy", ["dots", "full"])
+def test_remat_gives_the_same_gradients(tiny_vision, policy):
   config, params, _ = tiny_vision
   pixel_values, grid = _images()
 
-  def grads(remat):
-    tower = VisionTower(config, remat=remat)
+  def grads(remat_policy):
+    tower = VisionTower(config, remat_policy=remat_policy)
     loss = lambda p: jnp.sum(tower.apply({"params": p}, pixel_values, grid) ** 2)  # noqa: E731
     return jax.jit(jax.grad(loss))(params)
 
-  plain, rematted = grads(False), grads(True)
+  plain, rematted = grads("none"), grads(policy)
   assert float(jnp.abs(plain["blocks"]["attn"]["qkv"]["kernel"][0]).max()) > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, rematted)
+
+
+def test_unknown_remat_policy_is_a_clear_error(tiny_vision):
+  config, params, _ = tiny_vision
+  pixel_values, grid = _images()
+  with pytest.raises(ValueError, match=r"remat_policy='some' is not a remat policy; choose one "
+                     r"of \['dots', 'full', 'none'\]"):
+    VisionTower(config, remat_policy="some").apply({"params": params}, pixel_values, grid)

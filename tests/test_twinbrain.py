@@ -11,11 +11,12 @@ import optax
 import pytest
 
 from fixtures_flops import dot_general_flops
-from fixtures_twinbrain import TINY_PRESETS, make_obs, tiny_config
+from fixtures_twinbrain import TINY_PRESETS, make_obs, tiny_config, twinbrain_configs
 from twinbrain_jax.models import asymot, backbones
-from twinbrain_jax.models.twinbrain import (TwinBrainVLA, compute_loss, init_right_from_left,
-                                            sample_actions, scanned_params_from_unrolled,
-                                            synthetic_observation, train_step_flops)
+from twinbrain_jax.models.twinbrain import (TwinBrainConfig, TwinBrainVLA, compute_loss,
+                                            init_right_from_left, sample_actions,
+                                            scanned_params_from_unrolled, synthetic_observation,
+                                            train_step_flops)
 
 
 def _init(config, obs, grid, seed=0):
@@ -265,18 +266,33 @@ def test_bfloat16_compute_tracks_float32_training():
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_gives_the_same_loss_and_gradients(tiny, policy):
+  """`remat_policy` of the right brain's layers, the vision blocks and the expert's blocks."""
   config, _, params, obs, grid = tiny
-  model = TwinBrainVLA(dataclasses.replace(config, remat_policy="none"))  # every activation kept
-  remat_model = TwinBrainVLA(dataclasses.replace(config, remat_policy=policy))
+
+  def with_policy(name):
+    expert = dataclasses.replace(config.action_expert, remat_policy=name)
+    return TwinBrainVLA(dataclasses.replace(config, remat_policy=name, action_expert=expert))
+
   batch = dict(obs, actions=np.zeros((2, 16, 7), np.float32), action_mask=np.ones((2, 16), bool))
   grad = lambda m: jax.jit(jax.value_and_grad(
       lambda p: compute_loss(m, p, batch, grid, jax.random.key(0), num_repeats=2)))(params)
-  (loss, grads), (remat_loss, remat_grads) = grad(model), grad(remat_model)
+  # `none` keeps every activation.
+  (loss, grads), (remat_loss, remat_grads) = grad(with_policy("none")), grad(with_policy(policy))
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
   # fp32: recomputation may fuse differently (entries of ~3 differ by ~1 ulp; with Qwen3-VL the
   # <|action|> embedding row, a sum over 16 query positions, moves by up to 1.5e-6).
-  for a, b in zip(jax.tree.leaves(grads["right"]), jax.tree.leaves(remat_grads["right"])):
+  trainable = lambda g: {k: v for k, v in g.items() if k != "left"}  # noqa: E731
+  for a, b in zip(jax.tree.leaves(trainable(grads)), jax.tree.leaves(trainable(remat_grads))):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=1e-6)
+
+
+def test_the_expert_takes_the_model_remat_policy_unless_set():
+  assert tiny_config(remat_policy="full").action_expert.remat_policy == "full"
+  model = twinbrain_configs.get_config("tiny").model
+  model.remat_policy = "dots"
+  model.action_expert.remat_policy = "none"
+  config = TwinBrainConfig.from_config_dict(model)
+  assert (config.remat_policy, config.action_expert.remat_policy) == ("dots", "none")
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from twinbrain_jax.models.layers import add_layer_addition
+from twinbrain_jax.models.layers import REMAT_POLICIES, add_layer_addition, check_remat_policy
 from twinbrain_jax.models.qwen25vl import (DecoderLayer, causal_padding_mask,
                                            dot_product_attention)
 
@@ -141,7 +141,7 @@ def asymot_forward(left_layers: Sequence[DecoderLayer], right_layers: Sequence[D
 def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right_params: Any,
                 hidden_left: jax.Array, hidden_right: jax.Array,
                 rope_left: tuple[jax.Array, jax.Array], rope_right: tuple[jax.Array, jax.Array],
-                masks: JointMasks, remat_policy: Any = None, remat: bool = False,
+                masks: JointMasks, remat_policy: str = "none",
                 additions_left: jax.Array | None = None, additions_right: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array]:
   """All layers of both brains as one `lax.scan`: step i reads layer i of both stacks.
@@ -151,7 +151,8 @@ def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right
     left_params, right_params: each brain's decoder params stacked on a leading `layers` axis
       (the left one may be stored in another dtype, e.g. bf16).
     hidden_left, hidden_right, rope_left, rope_right, masks: as `asymot_forward`.
-    remat_policy, remat: recompute each joint layer in the backward pass (`jax.checkpoint`).
+    remat_policy: recompute each joint layer in the backward pass (`jax.checkpoint`), keeping
+      what the named policy allows (`layers.REMAT_POLICIES`).
     additions_left, additions_right: as `asymot_forward`; broadcast to every step, step i adds
       map i of each brain's own stream while i < K (the scanned layer index picks it).
 
@@ -171,8 +172,9 @@ def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right
     return (add_layer_addition(hidden_left, additions_left, index),
             add_layer_addition(hidden_right, additions_right, index)), None
 
-  if remat:
-    step = jax.checkpoint(step, policy=remat_policy, prevent_cse=False)
+  check_remat_policy(remat_policy)
+  if remat_policy != "none":
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
   carry, _ = jax.lax.scan(step, (hidden_left, hidden_right),
                           (left_params, right_params, jnp.arange(num_layers)))
   return carry

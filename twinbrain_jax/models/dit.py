@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from twinbrain_jax import flow_matching
-from twinbrain_jax.models.layers import EinsumDense, dense, dot_product_attention
+from twinbrain_jax.models.layers import (EinsumDense, check_remat_policy, dense,
+                                         dot_product_attention, remat)
 
 Dtype = Any
 # One `(key, value)` pair per cross-attention block, each `[B, Lc, heads, head_dim]`.
@@ -61,8 +62,9 @@ class ActionExpertConfig:
   num_embodiments: int = 1
   norm_eps: float = 1e-5
   final_norm_eps: float = 1e-6
-  # Rematerialise each block in the backward pass (saves activation memory, costs a forward).
-  remat: bool = False
+  # Rematerialise each block in the backward pass, keeping what the named policy allows
+  # (`layers.REMAT_POLICIES`: "none", "dots" keeps the matmul outputs, "full" keeps nothing).
+  remat_policy: str = "none"
   # One `nn.scan` over the blocks (a cross block and, interleaved, a self block per step), their
   # params stacked on a leading `layers` axis; False unrolls them (`block_{i}`).
   scan_layers: bool = True
@@ -83,6 +85,7 @@ class ActionExpertConfig:
       raise ValueError(
           f"ActionExpertConfig: timestep_embed_dim ({self.timestep_embed_dim}) and the width "
           f"num_heads * head_dim ({self.width}) must be even for sinusoidal embeddings.")
+    check_remat_policy(self.remat_policy, "ActionExpertConfig.remat_policy")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"ActionExpertConfig.dropout={self.dropout!r} must be in [0, 1).")
 
@@ -342,7 +345,7 @@ class ActionExpert(nn.Module):
     c, width = self.config, self.config.width
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # `deterministic` (argument 5, counting self) is a Python bool.
-    block_cls = nn.remat(DiTBlock, static_argnums=(5,)) if c.remat else DiTBlock
+    block_cls = remat(DiTBlock, c.remat_policy, static_argnums=(5,))
     if c.scan_layers:
       # Only ever called through `_scan_groups` (params [num_groups, ...]).
       self.groups = DiTBlockGroup(c, name="blocks", **kw)
@@ -394,10 +397,9 @@ class ActionExpert(nn.Module):
     return scanned + tuple(block.context_kv(context) for block in self.blocks
                            if block.cross_attention)
 
-  def _scan_groups(self, body, carry, xs, remat: bool = False):
+  def _scan_groups(self, body, carry, xs, remat_policy: str = "none"):
     """`nn.scan` of `body(group, carry, x)` over the stacked block groups."""
-    if remat:
-      body = nn.remat(body, prevent_cse=False)
+    body = remat(body, remat_policy, prevent_cse=False)
     scan = nn.scan(body, variable_axes={"params": 0},
                    split_rngs={"params": True, "dropout": True}, length=self.config.num_groups,
                    metadata_params={nn.PARTITION_NAME: "layers"})
@@ -467,7 +469,7 @@ class ActionExpert(nn.Module):
       def body(group, x, kv):
         return group(x, kv, temb, context_mask, deterministic), None
 
-      x, _ = self._scan_groups(body, x, stacked_kv, remat=c.remat)
+      x, _ = self._scan_groups(body, x, stacked_kv, c.remat_policy)
     for block in self.blocks:
       kv = next(cross_kv) if block.cross_attention else None
       x = block(x, temb, kv, context_mask, deterministic)

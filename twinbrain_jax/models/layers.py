@@ -122,18 +122,41 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 LAYERS_AXIS = "layers"
 
 
+# Gradient checkpointing of each layer / block: what the backward pass may keep.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def check_remat_policy(policy: str, owner: str = "remat_policy") -> None:
+  """Raises a clear error naming `owner` (the config field) unless `policy` is a known name."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"{owner}={policy!r} is not a remat policy; choose one of "
+                     f"{sorted(REMAT_POLICIES)}.")
+
+
+def remat(layer_cls: type[nn.Module], policy: str, **kwargs: Any) -> type[nn.Module]:
+  """`layer_cls` recomputed in the backward pass, keeping what the named `policy` allows
+  (`REMAT_POLICIES`); unchanged for `"none"`. `kwargs` go to `nn.remat`."""
+  check_remat_policy(policy)
+  if policy == "none":
+    return layer_cls
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], **kwargs)
+
+
 def scan_layers(layer_cls: type[nn.Module], length: int, in_axes: Any,
-                remat_policy: Any = None, remat: bool = False,
-                static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+                remat_policy: str = "none", static_argnums: tuple[int, ...] = ()
+                ) -> type[nn.Module]:
   """`layer_cls` scanned `length` times, its params stacked on a leading `layers` axis.
 
   `layer_cls.__call__(carry, *args)` must return `(carry, per-layer output)`; `in_axes` says
-  per argument after the carry whether it is scanned (0) or shared (`nn.broadcast`). With
-  `remat`, each layer is recomputed in the backward pass, keeping what `remat_policy` allows.
+  per argument after the carry whether it is scanned (0) or shared (`nn.broadcast`). Each layer
+  is recomputed in the backward pass as the named `remat_policy` says (`REMAT_POLICIES`).
   """
-  if remat:
-    layer_cls = nn.remat(layer_cls, policy=remat_policy, prevent_cse=False,
-                         static_argnums=static_argnums)
+  # No CSE barrier inside a scan: the loop already keeps the recomputation apart.
+  layer_cls = remat(layer_cls, remat_policy, prevent_cse=False, static_argnums=static_argnums)
   return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                      "dropout": True},
                  in_axes=in_axes, length=length,

@@ -37,8 +37,8 @@ import optax
 from twinbrain_jax import flow_matching
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, Attention,
                                       action_expert_flops)
-from twinbrain_jax.models.layers import dense
-from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, Qwen25VL, Qwen25VLConfig, get_rope_index
+from twinbrain_jax.models.layers import check_remat_policy, dense
+from twinbrain_jax.models.qwen25vl import Qwen25VL, Qwen25VLConfig, get_rope_index
 from twinbrain_jax.models.siglip import SiglipConfig, SiglipVisionModel, siglip_flops
 from twinbrain_jax.models.tokenizer import left_pad
 from twinbrain_jax.models.twinbrain import _dtype, _text_forward_flops, _vision_forward_flops
@@ -119,9 +119,7 @@ class LibraConfig:
       raise ValueError(f"LibraConfig.num_bins={self.num_bins!r} must be an int >= 2.")
     if self.curriculum not in CURRICULA:
       raise ValueError(f"LibraConfig.curriculum={self.curriculum!r}; choose one of {CURRICULA}.")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"LibraConfig.remat_policy={self.remat_policy!r}; choose one of "
-                       f"{tuple(REMAT_POLICIES)}.")
+    check_remat_policy(self.remat_policy, "LibraConfig.remat_policy")
     if not 0.0 < self.accuracy_threshold <= 1.0:
       raise ValueError(f"LibraConfig.accuracy_threshold={self.accuracy_threshold} (tau) must lie "
                        "in (0, 1].")

@@ -38,7 +38,7 @@ import numpy as np
 from flax import struct
 
 from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, RMSNorm, add_layer_addition,
-                                         dense, dot_product_attention, scan_layers)
+                                         dense, dot_product_attention, remat, scan_layers)
 from twinbrain_jax.models.qwen25vl_vision import VisionConfig, VisionTower
 
 Dtype = Any
@@ -424,26 +424,13 @@ class DecoderLayer(nn.Module):
     return add_layer_addition(hidden, additions, layer_index), cache
 
 
-# Gradient checkpointing of each decoder layer: what the backward pass may keep.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
-
-
-def check_remat_policy(policy: str) -> None:
-  if policy not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}.")
-
-
 class TextModel(nn.Module):
   """The Qwen2 language model: token embedding, decoder layers, final RMSNorm.
 
   With `scan_layers` (the default) the decoder layers are one `nn.scan` over a `DecoderLayer`
   whose params are stacked on a leading `layers` axis (`model/layers/...`, `[L, ...]`): the step
   traces and compiles one layer. Otherwise they are unrolled (`model/layers_{i}/...`).
-  `remat_policy` (see `REMAT_POLICIES`) recomputes each layer in the backward pass; unrolled, it
+  `remat_policy` (see `layers.REMAT_POLICIES`) recomputes each layer in the backward pass; unrolled, it
   applies to each layer's halves (`qkv`, `out`), also when AsyMoT drives them one by one.
   Subclasses change the layers through `decoder_layer_cls` and the position encoding through
   `rotary`.
@@ -461,20 +448,16 @@ class TextModel(nn.Module):
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw)
-    check_remat_policy(self.remat_policy)
-    remat = self.remat_policy != "none"
     layer_cls = self.decoder_layer_cls
     if self.scan_layers:
       # Carry: hidden. Shared: cos, sin, mask, the per-layer additions. Scanned: the per-layer
       # cache (or None) and the layer index.
       stack = scan_layers(layer_cls, c.num_hidden_layers,
                           (nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
-                          REMAT_POLICIES[self.remat_policy], remat)
+                          self.remat_policy)
       self.layers = stack(c, **kw)
     else:
-      if remat:
-        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
-                             methods=("qkv", "out"))
+      layer_cls = remat(layer_cls, self.remat_policy, methods=("qkv", "out"))
       self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
@@ -709,8 +692,7 @@ class Qwen25VL(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers)
-    self.visual = self.vision_tower_cls(self.config.vision, remat=self.remat_policy != "none",
-                                        **kw)
+    self.visual = self.vision_tower_cls(self.config.vision, remat_policy=self.remat_policy, **kw)
     self.model = self.text_model_cls(self.config.text, remat_policy=self.remat_policy, **kw)
     kw.pop("scan_layers")
     if not self.config.text.tie_word_embeddings:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twinbrain_jax.models.layers import EinsumDense, RMSNorm, dense, scan_layers
+from twinbrain_jax.models.layers import EinsumDense, RMSNorm, dense, remat, scan_layers
 
 Dtype = Any
 
@@ -363,7 +363,8 @@ class VisionTower(nn.Module):
   """Qwen2.5-VL vision encoder: flattened patches of several images -> merged tokens.
 
   Attributes:
-    remat: recompute each block's activations in the backward pass (gradient checkpointing).
+    remat_policy: recompute each block in the backward pass, keeping what the named policy
+      allows (`layers.REMAT_POLICIES`: none, dots, full).
     scan_layers: the blocks are one `nn.scan` with params stacked on a leading `layers` axis
       (`blocks/...`, `[depth, ...]`); windowed and full-attention blocks share the stack, a
       per-block flag (scanned input) picks the attention segments. Otherwise `blocks_{i}`.
@@ -371,7 +372,7 @@ class VisionTower(nn.Module):
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat_policy: str = "none"
   scan_layers: bool = True
 
   @nn.compact
@@ -401,10 +402,10 @@ class VisionTower(nn.Module):
     is_full = np.isin(np.arange(c.depth), c.fullatt_block_indexes)
     if self.scan_layers:
       # Scanned: the full-attention flag; shared: rotary tables and both segment plans.
-      stack = scan_layers(VisionBlock, c.depth, (0,) + (nn.broadcast,) * 4, remat=self.remat)
+      stack = scan_layers(VisionBlock, c.depth, (0,) + (nn.broadcast,) * 4, self.remat_policy)
       x, _ = stack(c, **kw, name="blocks")(x, jnp.asarray(is_full), cos, sin, windows, full)
     else:
-      block = nn.remat(VisionBlock, static_argnums=(2,)) if self.remat else VisionBlock
+      block = remat(VisionBlock, self.remat_policy, static_argnums=(2,))
       for i in range(c.depth):
         x, _ = block(c, **kw, name=f"blocks_{i}")(x, bool(is_full[i]), cos, sin, windows, full)
     return PatchMerger(c, **kw, name="merger")(x)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twinbrain_jax.models.layers import dense, layer_norm, scan_layers
+from twinbrain_jax.models.layers import dense, layer_norm, remat, scan_layers
 from twinbrain_jax.models.qwen25vl_vision import (AttentionSegments, VisionAttention,
                                                   VisionSizes, attention_params_from_hf,
                                                   attention_segments, check_packed_patches,
@@ -240,7 +240,8 @@ class VisionTower(nn.Module):
   """Qwen3-VL vision encoder: flattened patches of several images -> merged tokens + DeepStack.
 
   Attributes:
-    remat: recompute each block's activations in the backward pass (gradient checkpointing).
+    remat_policy: recompute each block in the backward pass, keeping what the named policy
+      allows (`layers.REMAT_POLICIES`: none, dots, full).
     scan_layers: the blocks are one `nn.scan` with params stacked on a leading `layers` axis
       (`blocks/...`, `[depth, ...]`); the outputs of the DeepStack blocks are collected in the
       scan's carry (`[K, N, E]`) and go through their mergers after it. Otherwise `blocks_{i}`.
@@ -248,7 +249,7 @@ class VisionTower(nn.Module):
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat_policy: str = "none"
   scan_layers: bool = True
 
   @nn.compact
@@ -290,10 +291,10 @@ class VisionTower(nn.Module):
     carry = (x, jnp.zeros((len(c.deepstack_visual_indexes), *x.shape), x.dtype))
     if self.scan_layers:
       # Scanned: the DeepStack slot; shared: rotary tables and the per-frame segments.
-      stack = scan_layers(VisionBlock, c.depth, (0,) + (nn.broadcast,) * 3, remat=self.remat)
+      stack = scan_layers(VisionBlock, c.depth, (0,) + (nn.broadcast,) * 3, self.remat_policy)
       carry, _ = stack(c, **kw, name="blocks")(carry, jnp.asarray(slots), cos, sin, frames)
     else:
-      block = nn.remat(VisionBlock, static_argnums=(2,)) if self.remat else VisionBlock
+      block = remat(VisionBlock, self.remat_policy, static_argnums=(2,))
       for i in range(c.depth):
         carry, _ = block(c, **kw, name=f"blocks_{i}")(carry, int(slots[i]), cos, sin, frames)
     x, deepstack = carry

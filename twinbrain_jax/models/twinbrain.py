@@ -38,8 +38,8 @@ from twinbrain_jax import flow_matching
 from twinbrain_jax.models import asymot, backbones
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, EmbodimentMLP,
                                       action_expert_flops, scanned_expert_params)
-from twinbrain_jax.models.layers import stack_layer_params
-from twinbrain_jax.models.qwen25vl import REMAT_POLICIES, get_rope_index
+from twinbrain_jax.models.layers import REMAT_POLICIES, stack_layer_params
+from twinbrain_jax.models.qwen25vl import get_rope_index
 from twinbrain_jax.models.tokenizer import left_pad
 
 VARIANTS = ("twinbrain", "monolithic")
@@ -108,8 +108,10 @@ class TwinBrainConfig:
     backbone = backbones.config_from_dict(items.pop("backbone"))
     expert = dict(items.pop("action_expert").items())
     expert.setdefault("context_dim", backbone.text.hidden_size)
-    # One switch for the whole model: the expert's blocks scan like the brains' layers.
+    # One switch for the whole model: the expert's blocks scan and remat like the brains' layers
+    # unless `action_expert` says otherwise.
     expert.setdefault("scan_layers", items.get("scan_layers", True))
+    expert.setdefault("remat_policy", items.get("remat_policy", "none"))
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(items) - fields)
     if unknown:
@@ -195,8 +197,7 @@ class TwinBrainVLA(nn.Module):
     hidden_left, hidden_right = asymot.asymot_scan(
         left_text.layer(), right_text.layer(), left_text.stacked_layer_params(),
         right_text.stacked_layer_params(), left, right, rope_left, rope_right, masks,
-        REMAT_POLICIES[c.remat_policy], c.remat_policy != "none", additions_left,
-        additions_right)
+        c.remat_policy, additions_left, additions_right)
     return left_text.norm(hidden_left), right_text.norm(hidden_right)
 
   def encode(self, obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray
