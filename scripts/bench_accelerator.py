@@ -100,15 +100,18 @@ def main(argv):
   peak = PEAK_FLOPS[_PEAK.value] if _PEAK.value else float(config.train.peak_flops_per_device)
   tokens = batch_size * (obs["left_input_ids"].shape[1] + obs["right_input_ids"].shape[1])
   device = jax.devices()[0]
+  # Accelerators report their allocator's high-water mark; XLA:CPU reports nothing.
+  peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
+  peak_gib = f"{peak_bytes / 2**30:.1f}" if peak_bytes else "n/a"
   print(f"\n{config.get('preset')} on {jax.device_count()} x {device.platform} "
         f"({device.device_kind}), mesh {dict(mesh.shape)}, compute {model_config.dtype}, "
         f"global batch {batch_size}, peak {peak:.3g} FLOP/s per device\n")
   print("| train step ms | compile s | samples/s | tokens/s | TFLOP/step | MFU | chunk ms "
-        "(batch 1) |")
-  print("|---|---|---|---|---|---|---|")
+        "(batch 1) | peak GiB per device |")
+  print("|---|---|---|---|---|---|---|---|")
   print(f"| {1e3 * step_s:.1f} | {compile_s:.1f} | {batch_size / step_s:.1f} | "
         f"{tokens / step_s:.0f} | {flops / 1e12:.4g} | "
-        f"{flops / step_s / (peak * jax.device_count()):.2%} | {1e3 * chunk_s:.1f} |")
+        f"{flops / step_s / (peak * jax.device_count()):.2%} | {1e3 * chunk_s:.1f} | {peak_gib} |")
 
 
 if __name__ == "__main__":
