@@ -85,8 +85,8 @@ def _loss_with_known_errors(actions, mask, errors, num_repeats):
   """flow_loss with a velocity_fn that returns target + errors[b] for every repeat.
 
   The velocity_fn recovers the noise from x_t (noise = (x_t - t a) / (1 - t)), so it only gets
-  the target right if the repeated batch is in repeat-major order. Times are pushed near
-  t = 0 (alpha = 50) to keep the division well conditioned.
+  the target right if the repeated batch is in `flow_loss`'s order (row b * R + r is example b).
+  Times are pushed near t = 0 (alpha = 50) to keep the division well conditioned.
   """
   actions_r = fm.repeat_batch(actions, num_repeats)
   errors_r = fm.repeat_batch(errors, num_repeats)
@@ -128,7 +128,8 @@ def test_flow_loss_repeats_draw_fresh_noise_and_check_shapes():
 
   fm.flow_loss(velocity_fn, jax.random.key(0), actions, num_repeats=4)
   assert seen["x_t"].shape == (8, 3, 1) and seen["t"].shape == (8,)
-  # Row r * B + b is example b under its own noise and time draw: no two rows share a time.
+  # Row b * R + r is example b under its own noise and time draw: no two rows share a time.
+  np.testing.assert_array_equal(fm.repeat_batch(jnp.arange(2), 3), [0, 0, 0, 1, 1, 1])
   assert len(np.unique(np.asarray(seen["t"]))) == 8
   with pytest.raises(ValueError, match="action_mask has shape"):
     fm.flow_loss(velocity_fn, jax.random.key(0), actions, jnp.ones((2, 2)))

@@ -1,5 +1,7 @@
 """The mesh, the logical-axis rules, and the bad-input errors of the foundation."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from fixtures_training import tiny_config
 from twinbrain_jax import sharding
+from twinbrain_jax.models.twinbrain import TwinBrainVLA
+from twinbrain_jax.training import memory, optimizer as optimizer_lib, state as state_lib
+from twinbrain_jax.training import step as step_lib
 
 RULES = (
     ("batch", ("data", "fsdp")),
@@ -155,3 +161,31 @@ def test_distributed_start_up_decision(monkeypatch):
   monkeypatch.setenv("SLURM_NTASKS", "4")
   assert sharding.maybe_initialize_distributed({})
   assert calls[-1] == {}  # JAX reads the SLURM environment itself.
+
+
+def _float_all_gathers(config, batch_size):
+  """Result shapes of the floating-point all-gathers in the compiled train step."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.logical_axis_rules, mesh)
+  model = TwinBrainVLA(state_lib.model_config(config))
+  tx = optimizer_lib.make_optimizer(config.train)
+  abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.seed)
+  batch, grid = memory.abstract_batch(config, batch_size, mesh)
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(model, tx, grid, config.flow.num_repeats), shardings,
+      {k: v.sharding for k, v in batch.items()}, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    hlo = step.lower(abstract, batch).compile(memory.PLAN_ONLY_CPU_COMPILER_OPTIONS).as_text()
+  return sorted(re.findall(r"= ((?:f32|bf16)\[[\d,]*\])\S* all-gather\(", hlo))
+
+
+def test_fsdp_step_gathers_weights_not_the_batch():
+  """Under FSDP every device gathers weights, never another device's samples: the float
+  all-gathers of the TwinBrain step (vision tower, image features, R noise draws, expert) have
+  the same shapes at global batch 8 and 16. (Integer token ids may be gathered: the embedding
+  lookup. XLA may gather a weight whole or sliced, once or twice, so shapes are compared as
+  sets.)"""
+  config = tiny_config(mesh_shape=(1, 8, 1))
+  at_8, at_16 = set(_float_all_gathers(config, 8)), set(_float_all_gathers(config, 16))
+  assert at_8, "no all-gather parsed: FSDP weights must be gathered"
+  assert at_16 == at_8, f"batch-sized all-gathers: {sorted(at_16 ^ at_8)}"

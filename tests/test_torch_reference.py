@@ -56,7 +56,7 @@ def _flax_loss(model, params, obs, grid, actions, noise, t):
   variables = {"params": params}
   context, mask = model.apply(variables, obs, grid, method=TwinBrainVLA.encode)
   kv = model.apply(variables, context, method=TwinBrainVLA.context_kv)
-  repeat = lambda x: jnp.tile(x, (NUM_REPEATS,) + (1,) * (x.ndim - 1))  # noqa: E731
+  repeat = lambda x: jnp.repeat(x, NUM_REPEATS, axis=0)  # noqa: E731
   actions = repeat(actions)
   x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * actions
   velocity = model.apply(variables, x_t, t, jax.tree.map(repeat, kv), repeat(mask),

@@ -77,16 +77,18 @@ def discretize_timestep(t: jax.Array, buckets: int = 1000) -> jax.Array:
 
 
 def repeat_batch(tree: Any, num_repeats: int) -> Any:
-  """Tiles every array of `tree` `num_repeats` times along axis 0 (repeat-major order).
+  """Repeats every row of every array of `tree` `num_repeats` times along axis 0.
 
-  Row `r * B + b` of the result is row `b` of the input, the order `flow_loss` uses for its
-  R noise draws; use it on the cached context (K/V, masks, state) closed over by `velocity_fn`.
+  Row `b * R + r` of the result is row `b` of the input (sample-major), the order `flow_loss`
+  uses for its R noise draws; use it on the cached context (K/V, masks, state) closed over by
+  `velocity_fn`. Sample-major keeps a batch-sharded axis sharded: each device repeats its own
+  rows (repeat-major rows `r * B + b` would need every device's rows on every device).
   """
   if num_repeats < 1:
     raise ValueError(f"repeat_batch: num_repeats={num_repeats} must be >= 1.")
   if num_repeats == 1:
     return tree
-  return jax.tree.map(lambda x: jnp.tile(x, (num_repeats,) + (1,) * (x.ndim - 1)), tree)
+  return jax.tree.map(lambda x: jnp.repeat(x, num_repeats, axis=0), tree)
 
 
 def _broadcast_action_mask(action_mask: jax.Array | None, actions: jax.Array) -> jax.Array:
@@ -107,7 +109,7 @@ def flow_loss(velocity_fn: VelocityFn, rng: jax.Array, actions: jax.Array,
               time_alpha: float = 1.5, time_beta: float = 1.0, time_s: float = 0.999) -> jax.Array:
   """Masked flow-matching MSE with `num_repeats` noise/time draws per example.
 
-  The draws are stacked along the batch in repeat-major order (row `r * B + b` is example `b`),
+  The draws are stacked along the batch sample by sample (row `b * R + r` is example `b`),
   so `velocity_fn` is called once on `[R * B, T, A]` and must close over a context tiled the same
   way (`repeat_batch`). The expensive context is computed once for all R draws.
 

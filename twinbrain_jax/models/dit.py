@@ -410,7 +410,9 @@ class ActionExpert(nn.Module):
     c = self.config
     steps = flow_matching.discretize_timestep(t, c.num_timestep_buckets)
     freqs = sinusoidal_embedding(steps, c.timestep_embed_dim, freq_shift=1.0, cos_first=True)
-    return self.time_out(nn.silu(self.time_in(freqs.astype(self.dtype))))
+    hidden = nn.with_logical_constraint(nn.silu(self.time_in(freqs.astype(self.dtype))),
+                                        ("batch", "embed"))
+    return nn.with_logical_constraint(self.time_out(hidden), ("batch", "embed"))
 
   def encode_actions(self, noisy_actions: jax.Array, t: jax.Array,
                      embodiment_id: jax.Array | None) -> jax.Array:
@@ -421,9 +423,12 @@ class ActionExpert(nn.Module):
     time_features = sinusoidal_embedding(steps, c.width).astype(self.dtype)      # [B, D]
     time_features = jnp.broadcast_to(time_features[:, None, :],
                                      (noisy_actions.shape[0], horizon, c.width))
-    x = self.action_in(noisy_actions, embodiment_id)
-    x = nn.swish(self.action_mix(jnp.concatenate([x, time_features], -1), embodiment_id))
-    x = self.action_out(x, embodiment_id)
+    # Named so that the batch, not the fsdp-sharded kernels' feature axis, decides the sharding.
+    names = ("batch", "length", "embed")
+    x = nn.with_logical_constraint(self.action_in(noisy_actions, embodiment_id), names)
+    x = jnp.concatenate([x, time_features], -1)
+    x = nn.with_logical_constraint(nn.swish(self.action_mix(x, embodiment_id)), names)
+    x = nn.with_logical_constraint(self.action_out(x, embodiment_id), names)
     return x + self.action_positions[:horizon].astype(x.dtype)
 
   def __call__(self, noisy_actions: jax.Array, t: jax.Array, *,

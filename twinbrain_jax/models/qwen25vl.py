@@ -648,29 +648,52 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def images_split_evenly(image_grid_thw: np.ndarray, batch_size: int) -> bool:
+  """Whether a batch's images can be `images / batch_size` equal images per sample: every
+  image has one grid and their count is a multiple of the batch (how training batches are
+  built). `scatter_image_features` then places each sample's features within the sample."""
+  grid = np.asarray(image_grid_thw)
+  return len(grid) % batch_size == 0 and bool((grid == grid[:1]).all())
+
+
 def scatter_image_features(base: jax.Array, input_ids: jax.Array, features: jax.Array,
-                           image_token_id: int) -> jax.Array:
+                           image_token_id: int, per_sample: bool = False) -> jax.Array:
   """`base` with its image-token positions replaced by the image features, in prompt order.
 
   Args:
     base: [B, L, E] (token embeddings, or zeros for an additive map).
     input_ids: [B, L] with one `image_token_id` per merged image token.
     features: [N_tok, E] merged image tokens of all images in prompt order.
+    per_sample: every sample holds N_tok / B image tokens (`images_split_evenly`): sample b
+      takes rows b * N_tok / B onwards, a gather within each sample that keeps a batch-sharded
+      input sharded (the global order needs every device to see all features). A traced sample
+      with another image-token count gets NaN embeddings, so a wrong split cannot train quietly.
 
   Returns:
     [B, L, E]; raises when `input_ids` is concrete and its image-token count differs from N_tok.
   """
-  is_image = (input_ids == image_token_id).reshape(-1)  # [B*L]
-  if _is_concrete(input_ids):
-    count = int(np.asarray(is_image).sum())
-    if count != features.shape[0]:
-      raise ValueError(
-          f"The prompts hold {count} image tokens (id {image_token_id}) but the images give "
-          f"{features.shape[0]} merged features; expand each image placeholder to "
-          "t*h*w/merge**2 tokens.")
-  # The k-th image token takes the k-th feature (features are in prompt order).
-  feature_index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
+  is_image = input_ids == image_token_id  # [B, L]
   batch, length, width = base.shape
+  per_sample = per_sample and features.shape[0] % batch == 0
+  if _is_concrete(input_ids):
+    counts = np.asarray(is_image).sum(1)
+    if counts.sum() != features.shape[0]:
+      raise ValueError(
+          f"The prompts hold {counts.sum()} image tokens (id {image_token_id}) but the images "
+          f"give {features.shape[0]} merged features; expand each image placeholder to "
+          "t*h*w/merge**2 tokens.")
+    per_sample = per_sample and bool((counts == counts[0]).all())
+  if per_sample:
+    per_image = features.shape[0] // batch
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, per_image - 1)  # [B, L]
+    gathered = jnp.take_along_axis(features.reshape(batch, per_image, width), index[..., None],
+                                   axis=1)
+    out = jnp.where(is_image[..., None], gathered.astype(base.dtype), base)
+    even = is_image.sum(1) == per_image
+    return jnp.where(even[:, None, None], out, jnp.array(jnp.nan, base.dtype))
+  # The k-th image token takes the k-th feature (features are in prompt order).
+  is_image = is_image.reshape(-1)  # [B*L]
+  feature_index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
   flat = jnp.where(is_image[:, None], features[feature_index].astype(base.dtype),
                    base.reshape(batch * length, width))
   return flat.reshape(batch, length, width)
@@ -724,7 +747,8 @@ class Qwen25VL(nn.Module):
     if image_grid_thw is None:
       raise ValueError("pixel_values were given without image_grid_thw; pass both.")
     features = self.visual(pixel_values, np.asarray(image_grid_thw))  # [N_tok, E]
-    return scatter_image_features(embeds, input_ids, features, self.config.image_token_id)
+    return scatter_image_features(embeds, input_ids, features, self.config.image_token_id,
+                                  images_split_evenly(image_grid_thw, input_ids.shape[0]))
 
   def embed_multimodal(self, input_ids: jax.Array, pixel_values: jax.Array | None,
                        image_grid_thw: np.ndarray | None) -> tuple[jax.Array, None]:

@@ -221,6 +221,20 @@ def attention_segments(grid_thw: np.ndarray, spatial_merge_size: int,
   return AttentionSegments(gather, lengths.astype(np.int32), scatter)
 
 
+def image_attention_segments(grid_thw: np.ndarray, spatial_merge_size: int,
+                             window_merge_units: int | None) -> AttentionSegments:
+  """`attention_segments`, planned for one image when all images share one grid.
+
+  Segments never cross images, so equal images share one plan, applied image by image
+  (`segment_attention` reads the image count off the token count). Tokens then move only
+  within their image, and a token axis sharded by image stays sharded: with one global plan
+  the gather over all images' tokens makes every device gather the whole batch.
+  """
+  if (grid_thw == grid_thw[:1]).all():
+    grid_thw = grid_thw[:1]
+  return attention_segments(grid_thw, spatial_merge_size, window_merge_units)
+
+
 def vision_positions(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
   """(row, column) patch position of each packed token, int32 `[N, 2]`, merge-block-major."""
   out = []
@@ -263,14 +277,28 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       segments: AttentionSegments) -> jax.Array:
   """Attention within segments: q/k/v `[N, H, D]` -> `[N, H, D]`.
 
-  Packed tokens are gathered into padded segments `[S, L, H, D]`, padding keys are masked by
-  length, and the outputs are scattered back to the packed order.
+  `segments` plans `n` tokens (all images, or one of `N / n` equal images: see
+  `image_attention_segments`). Each image's tokens are gathered into padded segments
+  `[I * S, L, H, D]`, padding keys are masked by length, and the outputs are scattered back to
+  the packed order.
   """
   heads, head_dim = q.shape[1:]
-  q, k, v = (nn.with_logical_constraint(a[segments.gather], ("batch", "length", "heads", "kv"))
-             for a in (q, k, v))
-  out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=segments.lengths)
-  return out.reshape(-1, heads, head_dim)[segments.scatter]
+  tokens = segments.scatter.shape[0]
+  images = q.shape[0] // tokens
+  if images * tokens != q.shape[0]:
+    raise ValueError(f"segment_attention: {q.shape[0]} tokens are not a whole number of images "
+                     f"of the planned {tokens} tokens.")
+  num_segments, length = segments.gather.shape
+
+  def to_segments(a):  # [N, H, D] -> [I * S, L, H, D], gathered within each image.
+    a = a.reshape(images, tokens, heads, head_dim)[:, segments.gather]
+    return nn.with_logical_constraint(a.reshape(images * num_segments, length, heads, head_dim),
+                                      ("batch", "length", "heads", "kv"))
+
+  out = jax.nn.dot_product_attention(to_segments(q), to_segments(k), to_segments(v),
+                                     key_value_seq_lengths=jnp.tile(segments.lengths, images))
+  out = out.reshape(images, num_segments * length, heads, head_dim)[:, segments.scatter]
+  return out.reshape(-1, heads, head_dim)
 
 
 class VisionAttention(nn.Module):
@@ -391,7 +419,8 @@ class VisionTower(nn.Module):
     grid = check_packed_patches(pixel_values, grid_thw, c)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     full, windows = (
-        AttentionSegments(*map(jnp.asarray, attention_segments(grid, c.spatial_merge_size, units)))
+        AttentionSegments(*map(jnp.asarray,
+                               image_attention_segments(grid, c.spatial_merge_size, units)))
         for units in (None, c.window_merge_units))
     cos, sin = rotary_cos_sin(jnp.asarray(vision_positions(grid, c.spatial_merge_size)),
                               c.head_dim, c.rope_theta)

@@ -35,7 +35,8 @@ import numpy as np
 from twinbrain_jax.models import qwen25vl
 from twinbrain_jax.models.layers import EinsumDense, RMSNorm
 from twinbrain_jax.models.qwen25vl import (KVCache, apply_rope, get_rope_index,
-                                           rope_cos_sin_by_axis, scatter_image_features)
+                                           images_split_evenly, rope_cos_sin_by_axis,
+                                           scatter_image_features)
 from twinbrain_jax.models.qwen3vl_vision import VisionConfig, VisionTower
 
 Dtype = Any
@@ -271,11 +272,12 @@ class Qwen3VL(qwen25vl.Qwen25VL):
       raise ValueError("pixel_values were given without image_grid_thw; pass both.")
     features, deepstack = self.visual(pixel_values, np.asarray(image_grid_thw))
     image_id = self.config.image_token_id
-    embeds = scatter_image_features(embeds, input_ids, features, image_id)
+    per_sample = images_split_evenly(image_grid_thw, input_ids.shape[0])
+    embeds = scatter_image_features(embeds, input_ids, features, image_id, per_sample)
     if deepstack.shape[0] == 0:
       return embeds, None
     zeros = jnp.zeros_like(embeds)
-    additions = jnp.stack([scatter_image_features(zeros, input_ids, feature, image_id)
+    additions = jnp.stack([scatter_image_features(zeros, input_ids, feature, image_id, per_sample)
                            for feature in deepstack])
     return embeds, nn.with_logical_constraint(additions, (None, "batch", "length", "embed"))
 

@@ -36,8 +36,8 @@ import numpy as np
 from twinbrain_jax.models.layers import dense, layer_norm, remat, scan_layers
 from twinbrain_jax.models.qwen25vl_vision import (AttentionSegments, VisionAttention,
                                                   VisionSizes, attention_params_from_hf,
-                                                  attention_segments, check_packed_patches,
-                                                  checked_getter, rotary_cos_sin,
+                                                  check_packed_patches, checked_getter,
+                                                  image_attention_segments, rotary_cos_sin,
                                                   stacked_blocks, vision_positions)
 
 Dtype = Any
@@ -272,7 +272,7 @@ class VisionTower(nn.Module):
     grid = check_packed_patches(pixel_values, grid_thw, c)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     frames = AttentionSegments(*map(jnp.asarray,
-                                    attention_segments(grid, c.spatial_merge_size, None)))
+                                    image_attention_segments(grid, c.spatial_merge_size, None)))
     cos, sin = rotary_cos_sin(jnp.asarray(vision_positions(grid, c.spatial_merge_size)),
                               c.head_dim, c.rope_theta)
 

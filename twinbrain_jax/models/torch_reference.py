@@ -227,7 +227,8 @@ class TwinBrainVLA(nn.Module):
 
   def flow_loss(self, obs: Mapping[str, torch.Tensor], image_grid_thw: torch.Tensor,
                 actions: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`flow_matching.flow_loss` on R = len(t) / B draws (repeat-major), every action valid.
+    """`flow_matching.flow_loss` on R = len(t) / B draws (row `b * R + r` is
+    sample `b`), every action valid.
 
     Args:
       actions: `[B, T, A]` clean actions.
@@ -236,12 +237,12 @@ class TwinBrainVLA(nn.Module):
     """
     num_repeats = t.shape[0] // actions.shape[0]
     context_kv = self.action_expert.context_kv(self.encode(obs, image_grid_thw))
-    repeated_kv = [(k.repeat(num_repeats, 1, 1, 1), v.repeat(num_repeats, 1, 1, 1))
+    repeated_kv = [(k.repeat_interleave(num_repeats, 0), v.repeat_interleave(num_repeats, 0))
                    for k, v in context_kv]
-    actions = actions.repeat(num_repeats, 1, 1)
+    actions = actions.repeat_interleave(num_repeats, 0)
     x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * actions
     velocity = self.action_expert(x_t, t, repeated_kv, None,
-                                  obs["state"].repeat(num_repeats, 1))
+                                  obs["state"].repeat_interleave(num_repeats, 0))
     return torch.mean(torch.square(velocity - (actions - noise)))
 
   @torch.no_grad()

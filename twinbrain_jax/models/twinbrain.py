@@ -168,7 +168,9 @@ class TwinBrainVLA(nn.Module):
     pixels, ids = obs["pixel_values"], obs["right_input_ids"]
     # [B, Lr, E] and the DeepStack maps [K, B, Lr, E] (None for Qwen2.5-VL).
     right, additions_right = self.right.embed_multimodal(ids, pixels, image_grid_thw)
-    state = self.state_encoder(obs["state"].astype(right.dtype), obs.get("embodiment_id"))
+    state = nn.with_logical_constraint(
+        self.state_encoder(obs["state"].astype(right.dtype), obs.get("embodiment_id")),
+        ("batch", "embed"))
     right = jnp.where((ids == c.propri_token_id)[..., None], state[:, None, :].astype(right.dtype),
                       right)
     right_text = self.right.model
