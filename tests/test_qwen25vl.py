@@ -298,6 +298,31 @@ def test_image_token_count_mismatch_raises(flax_model):
 # KV cache.
 
 
+def test_per_sample_image_features_equal_the_global_order():
+  """`per_sample` places sample b's features at its image tokens like the global order does; a
+  concrete uneven batch falls back to the global order, a traced one gets NaN for that sample."""
+  image_id, rng = 7, np.random.default_rng(0)
+  ids = np.array([[1, 7, 7, 2, 7, 3], [7, 7, 7, 4, 5, 6]], np.int32)  # 3 image tokens each
+  base = jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32)
+  features = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  want = qwen25vl.scatter_image_features(base, ids, features, image_id)
+  np.testing.assert_array_equal(
+      qwen25vl.scatter_image_features(base, ids, features, image_id, per_sample=True), want)
+  traced = jax.jit(lambda i: qwen25vl.scatter_image_features(base, i, features, image_id, True))
+  np.testing.assert_array_equal(traced(ids), want)
+  np.testing.assert_array_equal(want[0, 1], features[0])
+  np.testing.assert_array_equal(want[1, 0], features[3])
+
+  uneven = np.array([[7, 7, 7, 7, 1, 2], [7, 7, 3, 4, 5, 6]], np.int32)  # 4 + 2 image tokens
+  np.testing.assert_array_equal(
+      qwen25vl.scatter_image_features(base, uneven, features, image_id, per_sample=True),
+      qwen25vl.scatter_image_features(base, uneven, features, image_id))
+  assert np.isnan(np.asarray(traced(uneven))).all()
+  assert qwen25vl.images_split_evenly(np.array([[1, 4, 4]] * 4), 2)
+  assert not qwen25vl.images_split_evenly(np.array([[1, 4, 4]] * 3), 2)
+  assert not qwen25vl.images_split_evenly(np.array([[1, 4, 4], [1, 4, 6]]), 2)
+
+
 def test_kv_cache_prefill_then_decode_equals_full_forward(flax_model):
   """Prefill the prompt (with its images) then feed 3 tokens one at a time under jit."""
   model, params = flax_model

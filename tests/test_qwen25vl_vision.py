@@ -15,7 +15,7 @@ from twinbrain_jax.models import image_processor
 from twinbrain_jax.models.backbone_presets import backbone_preset
 from twinbrain_jax.models.qwen25vl_vision import (
     VisionConfig, VisionTower, attention_segments, check_grid_thw, hf_vision_weight_shapes,
-    vision_params_from_hf, vision_positions)
+    image_attention_segments, vision_params_from_hf, vision_positions)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -85,6 +85,22 @@ def test_vision_tower_matches_hf(tiny_vision):
   alone = jax.jit(lambda p, x: tower.apply({"params": p}, x, grid[:1]))(
       params, pixel_values[:first * 4])
   np.testing.assert_allclose(np.asarray(alone), np.asarray(out)[:first], atol=1e-5)
+
+
+def test_equal_images_share_one_segment_plan_and_match_hf(tiny_vision):
+  """Three images of one (ragged-window) size: the tower plans one image and applies the plan
+  image by image; the output still equals HF's over the whole batch."""
+  config, params, model = tiny_vision
+  rng = np.random.default_rng(1)
+  images = [rng.integers(0, 256, (130, 250, 3), dtype=np.uint8) for _ in range(3)]
+  pixel_values, grid = image_processor.preprocess_images(images)
+  windows = image_attention_segments(grid, 2, config.window_merge_units)
+  assert windows.scatter.shape == (int(grid[0].prod()),)  # one image's tokens
+  with torch.no_grad():
+    ref = _hf_visual(model)(torch.from_numpy(pixel_values), grid_thw=torch.from_numpy(grid))
+  out = jax.jit(lambda p, x: VisionTower(config).apply({"params": p}, x, grid))(
+      params, pixel_values)
+  assert float(np.abs(np.asarray(out) - ref.pooler_output.numpy()).max()) < PARITY_ATOL
 
 
 def test_bf16_compute_close_to_fp32(tiny_vision):

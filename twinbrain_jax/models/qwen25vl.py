@@ -653,7 +653,7 @@ def images_split_evenly(image_grid_thw: np.ndarray, batch_size: int) -> bool:
   image has one grid and their count is a multiple of the batch (how training batches are
   built). `scatter_image_features` then places each sample's features within the sample."""
   grid = np.asarray(image_grid_thw)
-  return len(grid) % batch_size == 0 and bool((grid == grid[:1]).all())
+  return len(grid) > 0 and len(grid) % batch_size == 0 and bool((grid == grid[:1]).all())
 
 
 def scatter_image_features(base: jax.Array, input_ids: jax.Array, features: jax.Array,
