@@ -1,5 +1,9 @@
-"""The sharded train step: parity with one device, optimizer groups, schedule, bad input."""
+"""The sharded train step: parity with one device, parameters as arguments, optimizer groups,
+schedule, bad input."""
 
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +56,37 @@ def test_one_sharded_step_matches_one_device(reference, mesh_shape):
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref_state.params),
                                                           jax.tree.leaves(state0.params)))
   assert moved > 1e-4
+
+
+
+def _largest_constant_elements(stablehlo_text):
+  shapes = re.findall(r"stablehlo\.constant dense<[^>]*> : tensor<([^>]*)>", stablehlo_text)
+  assert shapes, "no constant found: the pattern no longer matches the StableHLO text"
+  return max(int(np.prod([int(d) for d in shape.split("x")[:-1]])) for shape in shapes)
+
+
+def test_the_step_takes_the_frozen_brain_as_an_argument():
+  """Closed over, the frozen weights would be baked into the program as constants (slower to
+  lower, and a 45x larger executable for `small`, see docs/benchmarks.md)."""
+  config = tiny_config((1, 1, 1))
+  batch, grid = synthetic_batch(config)
+  trainer = Trainer(config, grid, devices=jax.devices()[:1])
+  state = trainer.init()
+  shardings = step_lib.batch_shardings(trainer.mesh, batch)
+  jitted = step_lib.jit_train_step(trainer.step_fn, trainer.shardings, shardings, trainer.mesh)
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+    text = jitted.lower(state, step_lib.global_batch(batch, shardings)).as_text()
+  largest_frozen = max(x.size for x in jax.tree.leaves(state.frozen))
+  largest_trainable = max(x.size for x in jax.tree.leaves(state.params))
+  assert _largest_constant_elements(text) < min(largest_frozen, largest_trainable) // 4
+
+  # The check catches a closed-over brain: the same loss with the frozen part as a constant.
+  frozen = state.frozen
+  loss_fn = step_lib.make_loss_fn(trainer.model, grid, config.flow.num_repeats)
+  closed = jax.jit(lambda params, batch, rng: loss_fn(params, frozen, batch, rng)[0])
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+    closed_text = closed.lower(state.params, batch, state.rng).as_text()
+  assert _largest_constant_elements(closed_text) >= largest_frozen
 
 
 # ---------------------------------------------------------------------------------------------
