@@ -65,10 +65,17 @@ class Trainer:
                                         self.shardings)
 
   def step(self, state, batch):
+    return self._call_step(state, batch, lambda jitted, *args: jitted(*args))
+
+  def lower(self, state, batch):
+    """The step lowered (traced, not compiled) for this state and batch."""
+    return self._call_step(state, batch, lambda jitted, *args: jitted.lower(*args))
+
+  def _call_step(self, state, batch, call):
     shardings = step_lib.batch_shardings(self.mesh, batch)
     jitted = step_lib.jit_train_step(self.step_fn, self.shardings, shardings, self.mesh)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jitted(state, step_lib.global_batch(batch, shardings))
+      return call(jitted, state, step_lib.global_batch(batch, shardings))
 
 
 def to_numpy(tree):

@@ -58,7 +58,6 @@ def test_one_sharded_step_matches_one_device(reference, mesh_shape):
   assert moved > 1e-4
 
 
-
 def _largest_constant_elements(stablehlo_text):
   shapes = re.findall(r"stablehlo\.constant dense<[^>]*> : tensor<([^>]*)>", stablehlo_text)
   assert shapes, "no constant found: the pattern no longer matches the StableHLO text"
@@ -72,10 +71,7 @@ def test_the_step_takes_the_frozen_brain_as_an_argument():
   batch, grid = synthetic_batch(config)
   trainer = Trainer(config, grid, devices=jax.devices()[:1])
   state = trainer.init()
-  shardings = step_lib.batch_shardings(trainer.mesh, batch)
-  jitted = step_lib.jit_train_step(trainer.step_fn, trainer.shardings, shardings, trainer.mesh)
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-    text = jitted.lower(state, step_lib.global_batch(batch, shardings)).as_text()
+  text = trainer.lower(state, batch).as_text()
   largest_frozen = max(x.size for x in jax.tree.leaves(state.frozen))
   largest_trainable = max(x.size for x in jax.tree.leaves(state.params))
   assert _largest_constant_elements(text) < min(largest_frozen, largest_trainable) // 4
