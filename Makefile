@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench clean lerobot-fixtures
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,26 @@ test-all: $(STAMP)
 # One CPU device: the demo's batches are small, and 8 fake devices would split them 8 ways.
 demo: $(STAMP)
 	XLA_FLAGS= $(PY) scripts/demo.py --workdir=$(or $(WORKDIR),/tmp/twinbrain_demo)
+
+# LeRobot datasets written by LeRobot's own code (lerobot 0.4.4 -> v3.0, 0.3.3 -> v2.1, each in
+# its own environment: their torch/numpy pins do not fit the project's lock), regenerated into
+# build/lerobot-fixtures and compared with the project's reader. To replace the committed
+# fixtures: .venv-lerobot*/bin/python scripts/make_lerobot_fixtures.py --out=tests/data/lerobot
+LEROBOT_OUT ?= build/lerobot-fixtures
+.venv-lerobot/.installed: requirements/lerobot-0.4.4.txt
+	test -x .venv-lerobot/bin/python || $(PYTHON) -m venv .venv-lerobot
+	.venv-lerobot/bin/python -m pip install -q --no-deps -r requirements/lerobot-0.4.4.txt
+	touch $@
+.venv-lerobot21/.installed: requirements/lerobot-0.3.3.txt
+	test -x .venv-lerobot21/bin/python || $(PYTHON) -m venv .venv-lerobot21
+	.venv-lerobot21/bin/python -m pip install -q --no-deps -r requirements/lerobot-0.3.3.txt
+	touch $@
+
+lerobot-fixtures: $(STAMP) .venv-lerobot/.installed .venv-lerobot21/.installed
+	rm -rf $(LEROBOT_OUT)
+	.venv-lerobot/bin/python scripts/make_lerobot_fixtures.py --out=$(LEROBOT_OUT)
+	.venv-lerobot21/bin/python scripts/make_lerobot_fixtures.py --out=$(LEROBOT_OUT)
+	LEROBOT_FIXTURES=$(abspath $(LEROBOT_OUT)) $(PY) -m pytest tests/test_data_lerobot.py -n 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache

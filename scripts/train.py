@@ -24,6 +24,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from twinbrain_jax import cli, sharding  # noqa: E402
+from twinbrain_jax.data.rlds import DataError  # noqa: E402
 from twinbrain_jax.training import checkpoint, loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/twinbrain.py:tiny", "Config file:preset.")
@@ -36,7 +37,8 @@ def main(argv):
   sharding.maybe_initialize_distributed(config.distributed)
   try:
     result = loop.train(config, _WORKDIR.value)
-  except checkpoint.DamagedCheckpointError as e:
+  # FileNotFoundError: a data directory that does not exist.
+  except (checkpoint.DamagedCheckpointError, DataError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   if jax.process_index() != 0:  # The result is the same in every process.
     return

@@ -1,12 +1,14 @@
 """Tiny generated bridge/fractal RLDS datasets (ArrayRecord), built once per test session."""
 
 import absl.flags
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
 from twinbrain_jax.data import config as data_config
-from twinbrain_jax.data import generate, rlds
+from twinbrain_jax.data import generate, pipeline, rlds
 
 # grain worker processes read absl flags; tests have no `app.run`.
 absl.flags.FLAGS.mark_as_parsed()
@@ -106,3 +108,32 @@ def reference_standardize(name, steps):
   states = np.concatenate([stack(steps, "observation", "base_pose_tool_reached"),
                            stack(steps, "observation", "gripper_closed")], axis=1)
   return actions, states
+
+
+def assert_resume_is_exact(config, checkpoint_dir, workers=(0, 2), saved_after=3):
+  """Saves a pipeline's iterator with orbax after `saved_after` batches, then restores it into
+  fresh pipelines with each worker count: the next 3 batches equal the uninterrupted ones.
+  Returns those batches."""
+  shard = grain.sharding.ShardOptions(0, 1)
+  it = pipeline.DataPipeline(config, shard_options=shard).iterator()
+  for _ in range(saved_after):
+    next(it)
+  manager = ocp.CheckpointManager(checkpoint_dir,
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(saved_after, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  manager.wait_until_finished()
+  expected = [next(it) for _ in range(3)]
+  it.close()
+  for count in workers:
+    config.num_workers = count
+    restored = pipeline.DataPipeline(config, shard_options=shard).iterator()
+    manager.restore(saved_after,
+                    args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    assert restored.get_state()["next_batch"] == saved_after
+    for want in expected:
+      got = next(restored)
+      assert set(got) == set(want)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    restored.close()
+  return expected

@@ -2,6 +2,7 @@
 iterator checkpoints and bad input."""
 
 import collections
+import dataclasses
 import pathlib
 import re
 import shutil
@@ -11,13 +12,14 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+import fixtures_training
 import processes
-from tests.fixtures_data import (oxe_data_dir, raw_episodes, reference_standardize,  # noqa: F401
-                                 small_config, stack)
-from twinbrain_jax.data import generate, normalization, pipeline, rlds, transforms
+from tests.fixtures_data import (assert_resume_is_exact, oxe_data_dir,  # noqa: F401
+                                 raw_episodes, reference_standardize, small_config, stack)
+from twinbrain_jax.data import generate, normalization, oxe_registry, pipeline, rlds, transforms
+from twinbrain_jax.training import demo_data
 
 DATASETS = (generate.BRIDGE, generate.FRACTAL)
 
@@ -206,23 +208,7 @@ def test_iterator_checkpoint_roundtrip_with_orbax(oxe_data_dir, tmp_path):
   next 3 batches are identical, augmentation included."""
   config = small_config(oxe_data_dir, **{"augment.enabled": True})
   shard = grain.sharding.ShardOptions(0, 1)
-  it = pipeline.DataPipeline(config, shard_options=shard).iterator()
-  for _ in range(3):
-    next(it)
-  manager = ocp.CheckpointManager(tmp_path / "ckpt",
-                                  options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-  manager.wait_until_finished()
-  expected = [next(it) for _ in range(3)]
-  it.close()
-  for workers in (0, 2):
-    config.num_workers = workers
-    restored = pipeline.DataPipeline(config, shard_options=shard).iterator()
-    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
-    assert restored.get_state()["next_batch"] == 3
-    for want in expected:
-      _batches_equal(next(restored), want)
-    restored.close()
+  expected = assert_resume_is_exact(config, tmp_path / "ckpt")
   # Augmentation is on: images differ from the plain resize of the same steps.
   plain = pipeline.DataPipeline(small_config(oxe_data_dir), shard_options=shard)
   assert not np.array_equal(plain.batches[3]["image"], expected[0]["image"])
@@ -444,3 +430,79 @@ def test_memory_mapped_steps_equal_per_episode_decoding(oxe_data_dir):
     e.stats.standardized = None
   for i in range(0, len(cached.samples), 7):
     _batches_equal(cached.samples[i], decoded.samples[i])
+
+
+def test_a_saved_position_restores_after_the_data_moved(oxe_data_dir, tmp_path):
+  """The fingerprint leaves the entries' absolute `dir` out (the step counts stay in): a run
+  whose data moved resumes at the same batch; a position saved before (with the `dir` hashed)
+  is still accepted where the data has not moved."""
+  shard = grain.sharding.ShardOptions(0, 1)
+  source = rlds.resolve_dataset_dir(oxe_data_dir, generate.BRIDGE)
+  pipes = []
+  for where in ("old", "new"):
+    shutil.copytree(source, tmp_path / where / "1.0.0")
+    entry = dict(name="my_widowx", spec=generate.BRIDGE, dir=str(tmp_path / where / "1.0.0"))
+    pipes.append(pipeline.DataPipeline(
+        small_config(None, datasets=(entry,), weights=(), stats_dir=str(tmp_path / where)),
+        shard_options=shard))
+  old, new = pipes
+  it = old.iterator()
+  next(it)
+  state = it.get_state()
+  expected = next(it)
+  it.close()
+  restored = new.iterator()
+  restored.set_state(state)
+  _batches_equal(next(restored), expected)
+  restored.close()
+  legacy = dict(state, fingerprint=old.fingerprint(with_dirs=True))
+  assert legacy["fingerprint"] != state["fingerprint"]
+  restored = old.iterator()
+  restored.set_state(legacy)
+  _batches_equal(next(restored), expected)
+  restored.close()
+
+
+def test_compute_norm_stats_for_an_entry_with_fewer_cameras(tmp_path):
+  """--config: a data.datasets entry (name/spec/dir) whose data lacks cameras of its schema;
+  the statistics equal the pipeline's, and no camera is needed."""
+  data_dir = _faulty(tmp_path / "data", generate.BRIDGE, {"drop_key": "observation/image_0"})
+  directory = rlds.resolve_dataset_dir(data_dir, generate.BRIDGE)
+  config = tmp_path / "config.py"
+  config.write_text(
+      "from twinbrain_jax.data import config as data_config\n"
+      "import ml_collections\n"
+      "def get_config():\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.data = data_config.default_data_config()\n"
+      f"  c.data.datasets = (dict(name='held_out', spec='bridge_dataset', dir={directory!r}),)\n"
+      "  c.data.weights = ()\n"
+      "  return c\n")
+  out = processes.run(
+      [sys.executable, "scripts/compute_norm_stats.py", f"--config={config}",
+       f"--stats_dir={tmp_path / 'stats'}"], tmp_path / "log",
+      cwd=pathlib.Path(__file__).parents[1])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "held_out" in out.stdout
+  stats = normalization.DatasetStatistics.load(
+      normalization.stats_path("", "train", str(tmp_path / "stats"), "held_out"))
+  spec = dataclasses.replace(oxe_registry.get_spec(generate.BRIDGE), name="held_out")
+  want = normalization.compute_dataset_statistics(rlds.RldsDataset(directory, spec,
+                                                                   num_cameras=0))
+  np.testing.assert_array_equal(stats.action.q99, want.action.q99)
+  np.testing.assert_array_equal(stats.state.mean, want.state.mean)
+  assert stats.episode_lengths == want.episode_lengths
+
+
+def test_train_with_a_missing_data_dir_is_one_line(tmp_path):
+  config = fixtures_training.tiny_config()
+  demo_data.write_tokenizer(str(tmp_path / "tokenizer"), config.model, demo_data.CORPUS)
+  done = processes.run(
+      [sys.executable, "scripts/train.py", "--config=configs/twinbrain.py:tiny",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'nowhere'}",
+       f"--config.init.tokenizer={tmp_path / 'tokenizer'}"],
+      tmp_path / "log", cwd=pathlib.Path(__file__).parents[1])
+  assert done.returncode != 0
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: Dataset directory") and "does not exist" in last, last

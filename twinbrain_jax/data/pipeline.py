@@ -1,4 +1,5 @@
-"""The grain input pipeline: step-level samples from a weighted mixture of RLDS datasets.
+"""The grain input pipeline: step-level samples from a weighted mixture of RLDS and LeRobot
+datasets (`rlds.RldsDataset`, `lerobot.LeRobotDataset`: the same episode/step interface).
 
 Layout (all `grain.MapDataset`, i.e. random access, until the final iterator):
 
@@ -50,7 +51,7 @@ import ml_collections
 import numpy as np
 
 from twinbrain_jax.data import config as data_config
-from twinbrain_jax.data import normalization, oxe_registry, rlds, transforms
+from twinbrain_jax.data import lerobot, normalization, oxe_registry, rlds, transforms
 from twinbrain_jax.data.normalization import DatasetStatistics
 
 
@@ -62,7 +63,7 @@ class PipelineStateError(ValueError):
 class _DatasetEntry:
   """Everything a worker needs to build samples of one dataset (picklable)."""
   dataset_id: int
-  source: rlds.RldsDataset
+  source: rlds.RldsDataset | lerobot.LeRobotDataset
   stats: DatasetStatistics
   step_offsets: np.ndarray  # [num_episodes + 1] cumulative standardised lengths.
 
@@ -134,8 +135,8 @@ class SampleBuilder(grain.transforms.RandomMap):
       sample["history_mask"] = transforms.history_steps(t, self._history)[1]
     return sample
 
-  def _images(self, episode: rlds.Episode, camera_keys: tuple[str, ...], t: int,
-              rng) -> np.ndarray:
+  def _images(self, episode: rlds.Episode | lerobot.LeRobotEpisode,
+              camera_keys: tuple[str, ...], t: int, rng) -> np.ndarray:
     steps, _ = transforms.history_steps(t, self._history)
     cameras = []
     for camera in range(self._num_cameras):
@@ -216,8 +217,7 @@ class DataPipeline:
 
     self.entries = []
     for dataset_id, entry in enumerate(self.dataset_entries):
-      source = rlds.RldsDataset(entry.directory(config.data_dir), entry.spec, config.split,
-                                num_cameras=int(config.num_cameras))
+      source = entry.open(config.data_dir, config.split, int(config.num_cameras))
       stats = normalization.load_or_compute_statistics(
           source, stats_dir=config.stats_dir, skip_bad_episodes=config.skip_bad_episodes)
       offsets = np.concatenate([[0], np.cumsum(stats.episode_lengths)]).astype(np.int64)
@@ -275,16 +275,21 @@ class DataPipeline:
     blocks = samples.batch(self.per_host_batch_size, drop_remainder=self.train, batch_fn=collate)
     return blocks[self.shard_index::self.shard_count]
 
-  def fingerprint(self, *, one_process_legacy: bool = False) -> str:
+  def fingerprint(self, *, one_process_legacy: bool = False, with_dirs: bool = False) -> str:
     """Hash of everything that decides which global batches come out (not the worker or
-    process count: a position saved by N processes is valid for M).
+    process count: a position saved by N processes is valid for M; not where the data lies:
+    the entries' `dir` and data_dir are left out, the datasets' step counts are in).
 
     `one_process_legacy`: the hash that positions saved by one process before the process count
-    was left out carry (their batches are the same).
+    was left out carry (their batches are the same). `with_dirs`: the hash of positions saved
+    before the entries' `dir` was left out.
     """
     keep = {k: v for k, v in self.config.to_dict().items()
             if k not in ("num_workers", "read_threads", "prefetch_batches", "data_dir",
                          "stats_dir")}
+    if not with_dirs:
+      keep["datasets"] = [{k: v for k, v in d.items() if k != "dir"} if isinstance(d, dict) else d
+                          for d in keep["datasets"]]
     keep.update(train=self.train, num_steps=[e.stats.num_steps for e in self.entries])
     if one_process_legacy:
       keep.update(shard=(0, 1))
@@ -313,7 +318,8 @@ class DataIterator(grain.DatasetIterator):
     super().__init__()
     self._pipeline = pipeline
     self._fingerprint = pipeline.fingerprint()
-    self._accepted = {self._fingerprint, pipeline.fingerprint(one_process_legacy=True)}
+    self._accepted = {pipeline.fingerprint(one_process_legacy=legacy, with_dirs=dirs)
+                      for legacy in (False, True) for dirs in (False, True)}
     self._next_batch = 0
     self._inner = None
 
