@@ -3,8 +3,10 @@
   python scripts/make_metaworld_dataset.py --data_dir=/data/mw --tasks=mt10 --episodes_per_task=50
 
 Writes `<data_dir>/metaworld/1.0.0/` (read it with `--config.data.data_dir=<data_dir>
---config.data.datasets=metaworld --config.data.weights=1`) and prints, per task, the expert's
-success rate and the episodes it dropped (also in `metaworld_generation.json` next to the data).
+--config.data.datasets=metaworld --config.data.weights=1`), or with `--format=lerobot` the same
+episodes as a LeRobot v3.0 dataset in `<data_dir>/metaworld_lerobot/` (the script prints the
+`--config.data.datasets` entry that reads it), and prints, per task, the expert's success rate
+and the episodes it dropped (also in `metaworld_generation.json` next to the data).
 `--tokenizer_dir=DIR` also writes the synthetic tokenizer (BPE learned from the 50 instructions)
 that a model trained from scratch with `--config` (default the `metaworld_tiny` preset) reads via
 `--config.init.tokenizer=DIR`; `--tokenizer_only` writes just that.
@@ -32,6 +34,8 @@ _SEED_OFFSET = flags.DEFINE_integer("seed_offset", 0, "First data seed (< "
                                     f"{mw.EVAL_SEED_START}, where evaluation seeds start).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Episode limit (default Meta-World's 500).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset.")
+_FORMAT = flags.DEFINE_enum("format", "rlds", list(mwd.FORMATS),
+                            "rlds (TFDS ArrayRecord) or lerobot (LeRobot v3.0, PNG frames).")
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "Also write a synthetic tokenizer "
                                      "for --config's backbone here.")
 _TOKENIZER_ONLY = flags.DEFINE_bool("tokenizer_only", False, "Write only the tokenizer.")
@@ -67,7 +71,8 @@ def main(argv):
     report = mwd.write_dataset(
         _DATA_DIR.value, _TASKS.value, episodes_per_task=_EPISODES.value,
         image_size=_IMAGE_SIZE.value, action_noise=_NOISE.value, seed_offset=_SEED_OFFSET.value,
-        max_steps=_MAX_STEPS.value, overwrite=_OVERWRITE.value, progress=progress)
+        max_steps=_MAX_STEPS.value, overwrite=_OVERWRITE.value, progress=progress,
+        data_format=_FORMAT.value)
   except (mw.UnknownTaskError, FileExistsError, ValueError) as e:
     sys.exit(f"error: {e}")
   tasks = report.tasks
@@ -75,6 +80,9 @@ def main(argv):
              report.frames, report.seconds))
   print(f"wrote {sum(t.kept for t in tasks)} episodes to {report.path} in {report.seconds:.0f}s "
         f"(report: {mwd.REPORT_FILE} there)")
+  if _FORMAT.value == "lerobot":
+    print(f"train from it with --config.data.data_dir={_DATA_DIR.value} "
+          f"\"--config.data.datasets=({mwd.lerobot_entry()!r},)\"")
   expected = oxe_registry.get_spec(mwd.NAME).image_shape
   if tuple(report.image_size) != tuple(expected):
     print(f"note: the registry entry {mwd.NAME!r} reads {expected[0]}x{expected[1]} frames; "

@@ -473,3 +473,118 @@ def decode_video_frame(path: str, time_s: float, *, where: str = "",
   raise DataError(f"{context}no frame at {time_s:.4f} s in {path!r} (the nearest earlier frame "
                   f"is at {last if last is None else f'{last:.4f} s'}); the frame timestamp "
                   "lies outside its video or between its frames.")
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+# Columns every LeRobot frame carries besides its features (LeRobot's DEFAULT_FEATURES).
+_FRAME_COLUMNS = {"timestamp": "float32", "frame_index": "int64", "episode_index": "int64",
+                  "index": "int64", "task_index": "int64"}
+_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+
+
+class LeRobotWriter:
+  """Writes a LeRobot v3.0 dataset with cameras as PNG "image" features (lossless), states and
+  actions as float32 vectors: one data file, one episode-metadata file, `meta/tasks.parquet`
+  and `meta/info.json` (no `meta/stats.json`: the project computes its own statistics).
+
+  Use: `add_episode(...)` per episode, then `close()`; `close()` writes the metadata, so a
+  directory without `meta/info.json` is an incomplete one.
+  """
+
+  def __init__(self, path: str, *, fps: float, cameras: Mapping[str, tuple[int, int]],
+               state_dim: int, action_dim: int, robot_type: str | None = None,
+               state_key: str = "observation.state", action_key: str = "action"):
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    self.path, self.fps, self.cameras = path, fps, dict(cameras)
+    self._keys = (state_key, action_key)
+    self._dims = {state_key: state_dim, action_key: action_dim}
+    self._robot_type = robot_type
+    self._tasks: dict[str, int] = {}
+    self._episodes: list[dict] = []
+    self._frames = 0
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    self._schema = pa.schema(
+        [(key, image) for key in self.cameras]
+        + [(key, pa.list_(pa.float32(), dim)) for key, dim in self._dims.items()]
+        + [(key, pa.float32() if dtype == "float32" else pa.int64())
+           for key, dtype in _FRAME_COLUMNS.items()])
+    data_file = os.path.join(path, _DATA_PATH.format(chunk_index=0, file_index=0))
+    os.makedirs(os.path.dirname(data_file), exist_ok=True)
+    self._writer = pq.ParquetWriter(data_file, self._schema, compression="snappy")
+
+  def add_episode(self, images: Mapping[str, Sequence], states: np.ndarray,
+                  actions: np.ndarray, tasks: Sequence[str]) -> None:
+    """One episode: per camera `T` PNG-encoded bytes (or `[H, W, 3]` uint8 arrays), states
+    `[T, S]`, actions `[T, A]`, a task string per frame."""
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    length = len(tasks)
+    if length == 0:
+      raise ValueError("An episode needs at least one frame.")
+    columns = {}
+    for key in self.cameras:
+      frames = images[key]
+      if len(frames) != length:
+        raise ValueError(f"Camera {key!r} has {len(frames)} frames for {length} steps.")
+      columns[key] = [{"bytes": f if isinstance(f, bytes) else _png_bytes(f), "path": None}
+                      for f in frames]
+    for key, values in zip(self._keys, (states, actions)):
+      values = np.asarray(values, np.float32)
+      if values.shape != (length, self._dims[key]):
+        raise ValueError(f"{key!r} has shape {values.shape}, expected ({length}, "
+                         f"{self._dims[key]}).")
+      columns[key] = list(values)
+    task_index = [self._tasks.setdefault(task, len(self._tasks)) for task in tasks]
+    episode = len(self._episodes)
+    columns.update(timestamp=np.arange(length, dtype=np.float32) / np.float32(self.fps),
+                   frame_index=np.arange(length), episode_index=np.full(length, episode),
+                   index=self._frames + np.arange(length), task_index=np.asarray(task_index))
+    self._writer.write_table(pa.table(columns, schema=self._schema))
+    self._episodes.append({"episode_index": episode, "tasks": list(dict.fromkeys(tasks)),
+                           "length": length, "data/chunk_index": 0, "data/file_index": 0,
+                           "dataset_from_index": self._frames,
+                           "dataset_to_index": self._frames + length,
+                           "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+    self._frames += length
+
+  def close(self) -> None:
+    """Finishes the data file and writes the episode metadata, tasks and info.json (last)."""
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    self._writer.close()
+    meta = os.path.join(self.path, "meta")
+    episodes_file = os.path.join(meta, "episodes", "chunk-000", "file-000.parquet")
+    os.makedirs(os.path.dirname(episodes_file), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(self._episodes), episodes_file)
+    # LeRobot reads the tasks with pandas and takes the task string from the frame's index.
+    tasks = pa.table({"task_index": pa.array(list(self._tasks.values()), pa.int64()),
+                      "task": pa.array(list(self._tasks), pa.string())})
+    pandas_index = {"index_columns": ["task"], "column_indexes": [], "columns": [
+        {"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
+         "numpy_type": "int64", "metadata": None},
+        {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object",
+         "metadata": None}]}
+    tasks = tasks.replace_schema_metadata({"pandas": json.dumps(pandas_index)})
+    pq.write_table(tasks, os.path.join(meta, "tasks.parquet"))
+    features = {key: {"dtype": "image", "shape": [h, w, 3],
+                      "names": ["height", "width", "channels"]}
+                for key, (h, w) in self.cameras.items()}
+    features.update({key: {"dtype": "float32", "shape": [dim], "names": None}
+                     for key, dim in self._dims.items()})
+    features.update({key: {"dtype": dtype, "shape": [1], "names": None}
+                     for key, dtype in _FRAME_COLUMNS.items()})
+    info = {"codebase_version": "v3.0", "robot_type": self._robot_type,
+            "total_episodes": len(self._episodes), "total_frames": self._frames,
+            "total_tasks": len(self._tasks), "chunks_size": 1000, "data_files_size_in_mb": 100,
+            "video_files_size_in_mb": 200, "fps": self.fps,
+            "splits": {"train": f"0:{len(self._episodes)}"}, "data_path": _DATA_PATH,
+            "video_path": None, "features": features}
+    with open(os.path.join(self.path, INFO_FILE), "w") as f:
+      json.dump(info, f, indent=2)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+  return buffer.getvalue()

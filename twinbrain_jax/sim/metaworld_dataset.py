@@ -21,6 +21,12 @@ Schema:
   episode_metadata: episode_id "<task>/seed_<seed>", task, seed, action_noise
 Records are in generation order (task by task, seed by seed). `metaworld_generation.json` next to
 the data holds the per-task expert success rates, dropped episodes and timings.
+
+`data_format="lerobot"` writes the same episodes as a LeRobot v3.0 dataset in
+`<data_dir>/metaworld_lerobot/` (`data.lerobot.LeRobotWriter`): camera `observation.image` as
+the same PNG frames, `observation.state`, `action`, the instruction as each frame's task, in the
+same order; `lerobot_entry()` is its `data.datasets` entry, and it gives the same training
+batches as the RLDS dataset.
 """
 
 from __future__ import annotations
@@ -38,11 +44,33 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from twinbrain_jax.data import lerobot
 from twinbrain_jax.sim import metaworld as mw
 
 NAME = "metaworld"
 VERSION = "1.0.0"
 REPORT_FILE = "metaworld_generation.json"
+FORMATS = ("rlds", "lerobot")
+LEROBOT_DIR = "metaworld_lerobot"
+LEROBOT_CAMERA = "observation.image"
+# Meta-World advances MuJoCo 5 x 2.5 ms per action: 80 steps per second.
+FPS = 80
+
+
+def dataset_dir(data_dir: str, data_format: str = "rlds") -> str:
+  """Where `write_dataset` puts the dataset of `data_format` under `data_dir`."""
+  if data_format not in FORMATS:
+    raise ValueError(f"Unknown format {data_format!r}; choose one of {', '.join(FORMATS)}.")
+  if data_format == "lerobot":
+    return os.path.join(data_dir, LEROBOT_DIR)
+  return os.path.join(data_dir, NAME, VERSION)
+
+
+def lerobot_entry() -> dict:
+  """The `data.datasets` entry of the LeRobot dataset (relative to data.data_dir), read with the
+  registry schema `metaworld` (actions as recorded, states normalised)."""
+  return dict(name=NAME, format="lerobot", dir=LEROBOT_DIR, cameras=(LEROBOT_CAMERA,),
+              spec=NAME)
 
 
 @dataclasses.dataclass
@@ -216,13 +244,30 @@ def _examples(tasks: Sequence[str], seeds: Sequence[int], image_size, max_steps,
                        "(lower action_noise or raise max_steps).")
 
 
+def _write_lerobot(path: str, image_size: tuple[int, int],
+                   examples: Iterator[tuple[str, dict]]) -> None:
+  """The RLDS examples as a LeRobot dataset at `path` (the same PNG bytes, states, actions)."""
+  writer = lerobot.LeRobotWriter(path, fps=FPS, cameras={LEROBOT_CAMERA: image_size},
+                                 state_dim=mw.STATE_DIM, action_dim=mw.ACTION_DIM,
+                                 robot_type="sawyer")
+  for _, example in examples:
+    steps = example["steps"]
+    writer.add_episode({LEROBOT_CAMERA: [s["observation"]["image"] for s in steps]},
+                       np.stack([s["observation"]["state"] for s in steps]),
+                       np.stack([s["action"] for s in steps]),
+                       [s["language_instruction"] for s in steps])
+  writer.close()
+
+
 def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
                   episodes_per_task: int = 50,
                   image_size: int | Sequence[int] = mw.DEFAULT_IMAGE_SIZE,
                   action_noise: float = 0.0, seed_offset: int = 0,
                   max_steps: int | None = None, overwrite: bool = False,
-                  progress: Callable[[TaskReport], None] | None = None) -> DatasetReport:
-  """Writes `<data_dir>/metaworld/1.0.0/` and returns the report (see the module docstring).
+                  progress: Callable[[TaskReport], None] | None = None,
+                  data_format: str = "rlds") -> DatasetReport:
+  """Writes `<data_dir>/metaworld/1.0.0/` (or, `data_format="lerobot"`,
+  `<data_dir>/metaworld_lerobot/`) and returns the report (see the module docstring).
 
   Args:
     data_dir: TFDS data dir.
@@ -234,6 +279,7 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
     max_steps: episode limit (None: Meta-World's 500).
     overwrite: replace an existing dataset; otherwise that is an error.
     progress: called with each task's report when the task is done.
+    data_format: "rlds" or "lerobot".
 
   The dataset is written under a temporary directory in `data_dir` and moved into place only
   when complete, so an interrupted or failed run never leaves or damages a dataset.
@@ -243,7 +289,7 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
   size = mw.image_hw(image_size)
   if not action_noise >= 0:
     raise ValueError(f"action_noise must be >= 0; got {action_noise}.")
-  final = os.path.join(data_dir, NAME, VERSION)
+  final = dataset_dir(data_dir, data_format)
   if os.path.exists(final) and not overwrite:
     raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it, or "
                           "choose another data dir.")
@@ -252,22 +298,26 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
   start = time.perf_counter()
   reports: list[TaskReport] = []
   try:
-    builder = MetaWorldRlds(
-        image_size=size, data_dir=tmp, file_format="array_record",
-        examples=_examples(tasks, seeds, size, max_steps, action_noise, reports, progress))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    examples = _examples(tasks, seeds, size, max_steps, action_noise, reports, progress)
+    if data_format == "lerobot":
+      written = os.path.join(tmp, LEROBOT_DIR)
+      _write_lerobot(written, size, examples)
+    else:
+      builder = MetaWorldRlds(image_size=size, data_dir=tmp, file_format="array_record",
+                              examples=examples)
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      written = str(builder.data_path)
     report = DatasetReport(path=final, tasks=reports, image_size=size,
                            episodes_per_task=episodes_per_task, action_noise=action_noise,
                            seed_offset=seed_offset, max_steps=max_steps,
                            seconds=time.perf_counter() - start)
-    written = str(builder.data_path)
     with open(os.path.join(written, REPORT_FILE), "w") as f:
       json.dump(report.to_json(), f, indent=1)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     if os.path.exists(final):  # overwrite: swap in the new one, then delete the old one.
       old = tempfile.mkdtemp(prefix=f".{NAME}-old-", dir=data_dir)
-      os.rename(final, os.path.join(old, VERSION))
+      os.rename(final, os.path.join(old, "dataset"))
       os.rename(written, final)
       shutil.rmtree(old)
     else:
