@@ -483,21 +483,29 @@ _FRAME_COLUMNS = {"timestamp": "float32", "frame_index": "int64", "episode_index
 _DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 
 
+_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+# LeRobot's own encoder settings: AV1 (SVT-AV1 preset 12), a key frame every 2 frames, crf 30.
+_VIDEO_CODEC, _VIDEO_OPTIONS = "libsvtav1", {"g": "2", "crf": "30", "preset": "12"}
+
+
 class LeRobotWriter:
-  """Writes a LeRobot v3.0 dataset with cameras as PNG "image" features (lossless), states and
-  actions as float32 vectors: one data file, one episode-metadata file, `meta/tasks.parquet`
-  and `meta/info.json` (no `meta/stats.json`: the project computes its own statistics).
+  """Writes a LeRobot v3.0 dataset: cameras as PNG "image" features (lossless) or, with
+  `video=True`, as AV1 videos encoded as LeRobot encodes them (one mp4 per episode and camera;
+  lossy), states and actions as float32 vectors; one data file, one episode-metadata file,
+  `meta/tasks.parquet` and `meta/info.json` (no `meta/stats.json`: the project computes its
+  own statistics).
 
   Use: `add_episode(...)` per episode, then `close()`; `close()` writes the metadata, so a
   directory without `meta/info.json` is an incomplete one.
   """
 
-  def __init__(self, path: str, *, fps: float, cameras: Mapping[str, tuple[int, int]],
+  def __init__(self, path: str, *, fps: int, cameras: Mapping[str, tuple[int, int]],
                state_dim: int, action_dim: int, robot_type: str | None = None,
-               state_key: str = "observation.state", action_key: str = "action"):
+               state_key: str = "observation.state", action_key: str = "action",
+               video: bool = False):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    self.path, self.fps, self.cameras = path, fps, dict(cameras)
+    self.path, self.fps, self.cameras, self.video = path, fps, dict(cameras), video
     self._keys = (state_key, action_key)
     self._dims = {state_key: state_dim, action_key: action_dim}
     self._robot_type = robot_type
@@ -506,7 +514,7 @@ class LeRobotWriter:
     self._frames = 0
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     self._schema = pa.schema(
-        [(key, image) for key in self.cameras]
+        [(key, image) for key in self.cameras if not video]
         + [(key, pa.list_(pa.float32(), dim)) for key, dim in self._dims.items()]
         + [(key, pa.float32() if dtype == "float32" else pa.int64())
            for key, dtype in _FRAME_COLUMNS.items()])
@@ -522,13 +530,17 @@ class LeRobotWriter:
     length = len(tasks)
     if length == 0:
       raise ValueError("An episode needs at least one frame.")
-    columns = {}
+    columns, episode = {}, len(self._episodes)
+    videos = {}
     for key in self.cameras:
       frames = images[key]
       if len(frames) != length:
         raise ValueError(f"Camera {key!r} has {len(frames)} frames for {length} steps.")
-      columns[key] = [{"bytes": f if isinstance(f, bytes) else _png_bytes(f), "path": None}
-                      for f in frames]
+      if self.video:
+        videos.update(self._encode(key, episode, frames))
+      else:
+        columns[key] = [{"bytes": f if isinstance(f, bytes) else _png_bytes(f), "path": None}
+                        for f in frames]
     for key, values in zip(self._keys, (states, actions)):
       values = np.asarray(values, np.float32)
       if values.shape != (length, self._dims[key]):
@@ -536,7 +548,6 @@ class LeRobotWriter:
                          f"{self._dims[key]}).")
       columns[key] = list(values)
     task_index = [self._tasks.setdefault(task, len(self._tasks)) for task in tasks]
-    episode = len(self._episodes)
     columns.update(timestamp=np.arange(length, dtype=np.float32) / np.float32(self.fps),
                    frame_index=np.arange(length), episode_index=np.full(length, episode),
                    index=self._frames + np.arange(length), task_index=np.asarray(task_index))
@@ -545,8 +556,29 @@ class LeRobotWriter:
                            "length": length, "data/chunk_index": 0, "data/file_index": 0,
                            "dataset_from_index": self._frames,
                            "dataset_to_index": self._frames + length,
-                           "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+                           "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
+                           **videos})
     self._frames += length
+
+  def _encode(self, key: str, episode: int, frames: Sequence) -> dict:
+    """Encodes one camera's frames of one episode; returns its episode-metadata columns."""
+    import av  # pylint: disable=g-import-not-at-top
+    chunk, file = divmod(episode, 1000)
+    path = os.path.join(self.path, _VIDEO_PATH.format(video_key=key, chunk_index=chunk,
+                                                      file_index=file))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    height, width = self.cameras[key]
+    with av.open(path, "w") as container:
+      stream = container.add_stream(_VIDEO_CODEC, self.fps, options=dict(_VIDEO_OPTIONS))
+      stream.pix_fmt, stream.width, stream.height = "yuv420p", width, height
+      for frame in frames:
+        image = (np.asarray(Image.open(io.BytesIO(frame)).convert("RGB"))
+                 if isinstance(frame, bytes) else np.asarray(frame, np.uint8))
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+      container.mux(stream.encode())
+    prefix = f"videos/{key}/"
+    return {prefix + "chunk_index": chunk, prefix + "file_index": file,
+            prefix + "from_timestamp": 0.0, prefix + "to_timestamp": len(frames) / self.fps}
 
   def close(self) -> None:
     """Finishes the data file and writes the episode metadata, tasks and info.json (last)."""
@@ -567,7 +599,7 @@ class LeRobotWriter:
          "metadata": None}]}
     tasks = tasks.replace_schema_metadata({"pandas": json.dumps(pandas_index)})
     pq.write_table(tasks, os.path.join(meta, "tasks.parquet"))
-    features = {key: {"dtype": "image", "shape": [h, w, 3],
+    features = {key: {"dtype": "video" if self.video else "image", "shape": [h, w, 3],
                       "names": ["height", "width", "channels"]}
                 for key, (h, w) in self.cameras.items()}
     features.update({key: {"dtype": "float32", "shape": [dim], "names": None}
@@ -579,7 +611,7 @@ class LeRobotWriter:
             "total_tasks": len(self._tasks), "chunks_size": 1000, "data_files_size_in_mb": 100,
             "video_files_size_in_mb": 200, "fps": self.fps,
             "splits": {"train": f"0:{len(self._episodes)}"}, "data_path": _DATA_PATH,
-            "video_path": None, "features": features}
+            "video_path": _VIDEO_PATH if self.video else None, "features": features}
     with open(os.path.join(self.path, INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)
 
@@ -588,3 +620,29 @@ def _png_bytes(image: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
   return buffer.getvalue()
+
+
+def copy_episodes(source, path: str, *, fps: int, video: bool = True) -> str:
+  """Writes every episode of an episode source (e.g. an `rlds.RldsDataset` whose schema reads
+  `action` and `observation/state`) as a LeRobot v3.0 dataset at `path`: its cameras in use
+  (`source.cameras`, keyed `observation.images.<camera>`), raw state and action, instruction
+  per step. Returns `path`."""
+  spec = source.spec
+  missing = {ACTION, STATE} - set(spec.lowdim_keys)
+  if missing:
+    raise ValueError(f"Dataset {spec.name!r} reads {sorted(spec.lowdim_keys)}; copying needs "
+                     f"{ACTION!r} and {STATE!r}.")
+  cameras = {f"observation.images.{c}": c for c in source.cameras}
+  writer = LeRobotWriter(path, fps=fps, video=video,
+                         cameras={key: tuple(spec.image_shape) for key in cameras},
+                         state_dim=spec.lowdim_keys[STATE][0],
+                         action_dim=spec.lowdim_keys[ACTION][0])
+  for index in range(len(source)):
+    episode = source.episode(index)
+    steps = range(len(episode))
+    raw = episode.lowdim()
+    writer.add_episode({key: [episode.image(t, camera) for t in steps]
+                        for key, camera in cameras.items()},
+                       raw[STATE], raw[ACTION], [episode.instruction(t) for t in steps])
+  writer.close()
+  return path
