@@ -9,12 +9,14 @@ regenerates them there and runs this file on them).
 import os
 import pathlib
 import shutil
+import sys
 
 import grain
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import processes
 from tests.fixtures_data import assert_resume_is_exact, small_config
 from twinbrain_jax.data import config as data_config
 from twinbrain_jax.data import lerobot, normalization, pipeline, transforms
@@ -295,3 +297,29 @@ def test_writer_copies_a_dataset(tmp_path, video):
     assert 0 < np.mean(errors) < 6 and max(errors) < 8, (np.mean(errors), max(errors))
   else:
     assert max(errors) == 0
+
+
+def test_compute_norm_stats_for_a_lerobot_entry(tmp_path):
+  """The script computes a LeRobot entry of a config (no camera opened) into --stats_dir; the
+  pipeline then reads those statistics."""
+  config = tmp_path / "config.py"
+  config.write_text(
+      "import ml_collections\n"
+      "from twinbrain_jax.data import config as data_config\n"
+      "def get_config():\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.data = data_config.default_data_config()\n"
+      f"  c.data.datasets = ({_entry('v21_video')!r},)\n"
+      "  c.data.weights = ()\n"
+      "  return c\n")
+  done = processes.run([sys.executable, "scripts/compute_norm_stats.py", f"--config={config}",
+                        f"--stats_dir={tmp_path / 'stats'}"], tmp_path / "log",
+                       cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert done.returncode == 0, done.stderr[-3000:]
+  path = normalization.stats_path("", "train", str(tmp_path / "stats"), "v21_video")
+  assert path in done.stdout
+  written = normalization.DatasetStatistics.load(path)
+  ref = _reference("v21_video")
+  np.testing.assert_allclose(written.action.q99, np.quantile(ref["action"], 0.99, axis=0),
+                             rtol=0, atol=1e-6)
+  assert written.num_steps == len(ref["index"])
