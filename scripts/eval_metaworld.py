@@ -113,7 +113,7 @@ def main(argv):
   agent, image_size, close = _agent()
   label = _LABEL.value or agent.name
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-  stem = os.path.join(_OUTPUT_DIR.value, label.replace("/", "_").replace(" ", "_").replace(":", "_"))
+  stem = os.path.join(_OUTPUT_DIR.value, evaluation.result_stem(label))
   os.makedirs(f"{stem}_videos", exist_ok=True)
   bar = tqdm.tqdm(total=len(tasks) * _EPISODES.value, desc=label, unit="episode")
   successes = [0]
@@ -123,8 +123,8 @@ def main(argv):
     bar.update(1)
     bar.set_postfix(task=episode.task.removesuffix("-v3"), success=successes[0])
     if episode.frames is not None:
-      evaluation.write_video(episode.frames,
-                             f"{stem}_videos/{episode.task}_seed{episode.seed}.gif")
+      evaluation.write_video(episode.frames, evaluation.video_path(
+          _OUTPUT_DIR.value, label, episode.task, episode.seed))
 
   try:
     result = evaluation.evaluate(agent, tasks, _EPISODES.value, seed_offset=_SEED_OFFSET.value,

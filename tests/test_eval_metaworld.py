@@ -48,6 +48,50 @@ def test_groups_are_reported_only_when_complete():
   assert set(evaluation.groups_of(["reach-v3"])) == {"all"}
 
 
+def _result(policy, outcomes):
+  """An evaluation result of `{task: [success, ...]}` on the evaluation seeds (a failure runs to
+  the 200-step limit, a success ends at step 50)."""
+  tasks = {task: dict(evaluation.summarize(s), seeds=mw.eval_seeds(len(s)),
+                      success_per_episode=s, steps_per_episode=[50 if x else 200 for x in s])
+           for task, s in outcomes.items()}
+  return dict(policy=policy, tasks=tasks)
+
+
+def test_recorded_episodes_and_a_success_beside_a_failure(tmp_path):
+  trained = _result("server 127.0.0.1:8000", {"reach-v3": [True, True], "push-v3": [True, False]})
+  expert = _result("expert", {"reach-v3": [True, True], "push-v3": [True, True]})
+  random = _result("random", {"reach-v3": [False, False], "push-v3": [False, False]})
+  seeds = mw.eval_seeds(2)
+  recorded = {  # What eval_metaworld.py --num_videos would have written.
+      "server 127.0.0.1:8000": [("reach-v3", seeds[0]), ("push-v3", seeds[0]), ("push-v3", seeds[1])],
+      "expert": [("reach-v3", seeds[0])], "random": [("push-v3", seeds[1])]}
+  for label, episodes in recorded.items():
+    for task, seed in episodes:
+      path = evaluation.video_path(str(tmp_path), label, task, seed)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      pathlib.Path(path).touch()
+  assert os.path.exists(tmp_path / "server_127.0.0.1_8000_videos" / f"push-v3_seed{seeds[1]}.gif")
+  episodes = evaluation.recorded_episodes(str(tmp_path), trained)
+  assert [(e["task"], e["seed"], e["success"], e["steps"]) for e in episodes] == [
+      ("reach-v3", seeds[0], True, 50), ("push-v3", seeds[0], True, 50),
+      ("push-v3", seeds[1], False, 200)]
+  assert episodes[2]["video"] == evaluation.video_path(str(tmp_path), trained["policy"],
+                                                       "push-v3", seeds[1])
+  everyone = [e for r in (expert, random, trained)
+              for e in evaluation.recorded_episodes(str(tmp_path), r)]
+  key = lambda shown: [(e["policy"], e["task"], e["seed"]) for e in shown]
+  # The trained policy's pair on one task (push), not its reach success beside its push failure.
+  assert key(evaluation.success_and_failure(everyone, trained["policy"])) == [
+      (trained["policy"], "push-v3", seeds[0]), (trained["policy"], "push-v3", seeds[1])]
+  # Without a pair of its own: the first success and the first failure of anyone.
+  assert key(evaluation.success_and_failure(everyone, "expert")) == [
+      ("expert", "reach-v3", seeds[0]), ("random", "push-v3", seeds[1])]
+  # Only failures recorded: the one there is.
+  assert key(evaluation.success_and_failure(everyone[1:2], "random")) == [
+      ("random", "push-v3", seeds[1])]
+  assert evaluation.success_and_failure([], "random") == []
+
+
 class _Counting:
   """A chunk policy returning a fixed chunk; counts its calls and checks what it is sent."""
 

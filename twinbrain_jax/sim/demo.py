@@ -51,7 +51,7 @@ class DemoSettings:
   train_steps: int | None = None  # None: the config's train.num_steps
   eval_episodes: int = 5  # per task, on mw.eval_seeds
   max_steps: int = 200  # episode limit of the evaluation
-  num_videos: int = 1  # recorded episodes per task
+  num_videos: int = 5  # the trained policy's recorded episodes per task (all, by default)
 
   def __post_init__(self):
     mw.resolve_tasks(self.tasks)  # Raises with close matches on a misspelt task.

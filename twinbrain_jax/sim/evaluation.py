@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -271,9 +272,18 @@ def format_comparison(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def plot_success(results: Sequence[Mapping[str, Any]], path: str) -> None:
-  """A bar chart of per-task success rates with their 95 % intervals, one bar per result."""
+  """Writes `success_figure(results)` to `path` (PNG), without a display."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = success_figure(results)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def success_figure(results: Sequence[Mapping[str, Any]]):
+  """A bar chart of per-task success rates with their 95 % intervals, one bar per result (a
+  matplotlib Figure, drawn with the current backend: inline in a notebook)."""
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   tasks = list(results[0]["tasks"])
   x = np.arange(len(tasks) + 1)
@@ -293,8 +303,48 @@ def plot_success(results: Sequence[Mapping[str, Any]], path: str) -> None:
                "(evaluation seeds)")
   ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # Clear of the bars.
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
+
+
+def result_stem(label: str) -> str:
+  """The file name stem of the result labelled `label`: `scripts/eval_metaworld.py` writes
+  `<stem>.json`, `<stem>_success.png` and `<stem>_videos/`."""
+  return label.replace("/", "_").replace(" ", "_").replace(":", "_")
+
+
+def video_path(output_dir: str, label: str, task: str, seed: int) -> str:
+  """Where `scripts/eval_metaworld.py` writes the GIF of one recorded episode."""
+  return os.path.join(output_dir, f"{result_stem(label)}_videos", f"{task}_seed{seed}.gif")
+
+
+def recorded_episodes(output_dir: str, result: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """The episodes of `result` (a JSON that `scripts/eval_metaworld.py` wrote to `output_dir`)
+  whose GIF is there: `{"policy", "task", "seed", "success", "steps", "video"}` each, in the
+  result's order."""
+  episodes = []
+  for task, r in result["tasks"].items():
+    for seed, success, steps in zip(r["seeds"], r["success_per_episode"], r["steps_per_episode"]):
+      path = video_path(output_dir, result["policy"], task, seed)
+      if os.path.exists(path):
+        episodes.append(dict(policy=result["policy"], task=task, seed=seed, success=success,
+                             steps=steps, video=path))
+  return episodes
+
+
+def success_and_failure(episodes: Sequence[Mapping[str, Any]],
+                        policy: str) -> list[Mapping[str, Any]]:
+  """A success and a failure among `episodes` (`recorded_episodes`) to show side by side: the
+  first pair of `policy` on one task, else of `policy` on any tasks, else of any policies; only
+  the one there is when no episode has the other outcome."""
+  def first(success, **where):
+    return next((e for e in episodes if e["success"] == success
+                 and all(e[k] == v for k, v in where.items())), None)
+  tasks = dict.fromkeys(e["task"] for e in episodes)
+  for where in [*(dict(policy=policy, task=t) for t in tasks), dict(policy=policy), {}]:
+    pair = [first(True, **where), first(False, **where)]
+    if None not in pair:
+      return pair
+  return [e for e in (first(True), first(False)) if e is not None]
 
 
 def write_video(frames: np.ndarray, path: str, fps: int = 20) -> None:
