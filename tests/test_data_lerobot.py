@@ -133,10 +133,11 @@ def test_pipeline_samples_from_a_lerobot_entry(name, tmp_path):
     assert sample["image_mask"].tolist() == [True, len(CAMERAS[name]) > 1]
 
 
-def test_workers_and_resume_give_the_same_batches(tmp_path):
+@pytest.mark.parametrize("name", ["v30_video", "v30_image"])
+def test_workers_and_resume_give_the_same_batches(tmp_path, name):
   """Shuffled endless batches with augmentation: an iterator saved after 3 batches and restored
   into a fresh pipeline, with 0 or 2 worker processes, continues exactly."""
-  config = small_config(None, datasets=(_entry("v30_video"),), weights=(1.0,),
+  config = small_config(None, datasets=(_entry(name),), weights=(1.0,),
                         stats_dir=str(tmp_path / "stats"), **{"augment.enabled": True})
   assert_resume_is_exact(config, tmp_path / "ckpt")
 
