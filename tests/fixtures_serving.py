@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from twinbrain_jax import sharding
+from twinbrain_jax.data import oxe_registry
+from twinbrain_jax.data.normalization import ArrayStats
 from twinbrain_jax.data.pipeline import DataPipeline
 from twinbrain_jax.models.tokenizer import write_synthetic_tokenizer
 from twinbrain_jax.models.twinbrain import TwinBrainVLA
@@ -48,12 +50,20 @@ def make_policy_dirs(root: pathlib.Path, oxe_data_dir: str, preset: str) -> Poli
   """The checkpoint and bundle of `configs/twinbrain.py:<preset>`'s initial train state."""
   config = twinbrain_configs.get_config(preset)
   config.data.data_dir = oxe_data_dir
+  return write_policy_dirs(root, config)
+
+
+def write_policy_dirs(root: pathlib.Path, config: ml_collections.ConfigDict,
+                      norm_stats: dict | None = None) -> PolicyDirs:
+  """The checkpoint and bundle of `config`'s initial train state; the norm stats are computed by
+  the data pipeline on `config.data` unless given."""
   model_config = state_lib.model_config(config)
   write_synthetic_tokenizer(root / "tokenizer", model_config.backbone, CORPUS,
                             (model_config.action_token_id, model_config.propri_token_id))
   config.init.tokenizer = str(root / "tokenizer")
-  pipeline = DataPipeline(config.data, train=False)  # Computes the norm stats, as training does.
-  norm_stats = {name: stats.to_json() for name, stats in pipeline.norm_stats.items()}
+  if norm_stats is None:
+    pipeline = DataPipeline(config.data, train=False)  # Computes the norm stats, as training does.
+    norm_stats = {name: stats.to_json() for name, stats in pipeline.norm_stats.items()}
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.logical_axis_rules, mesh)
@@ -67,6 +77,37 @@ def make_policy_dirs(root: pathlib.Path, oxe_data_dir: str, preset: str) -> Poli
   manager.close()
   bundle = export.export_checkpoint(root / "checkpoints", root / "bundle", dtype="float32")
   return PolicyDirs(checkpoint_dir=root / "checkpoints", bundle_dir=bundle, config=config)
+
+
+# A 14-dim bimanual embodiment (openpi's ALOHA layout: state and actions of 14 joints), added to
+# the dataset registry as a user adds theirs; `tests/serve_test_embodiment.py` serves with it.
+ALOHA_TEST_SPEC = oxe_registry.DatasetSpec(
+    name="aloha_test", image_keys=("cam_high",), image_shape=(224, 224),
+    language_key="language_instruction",
+    lowdim_keys={"action": (14,), "observation/state": (14,)},
+    standardize=oxe_registry.standardize_metaworld, action_dim=14, state_dim=14,
+    action_normalize_mask=(True,) * 14, action_binarize_mask=(False,) * 14,
+    state_normalize_mask=(True,) * 14)
+
+
+def register_test_embodiment() -> None:
+  oxe_registry.OXE_DATASETS.setdefault(ALOHA_TEST_SPEC.name, ALOHA_TEST_SPEC)
+
+
+@pytest.fixture(scope="session")
+def aloha_policy_dirs(tmp_path_factory) -> PolicyDirs:
+  """The `tiny` preset's initial train state with 14-dim states and actions (`aloha_test`),
+  with random statistics."""
+  register_test_embodiment()
+  config = twinbrain_configs.get_config("tiny")
+  config.data.update(datasets=(ALOHA_TEST_SPEC.name,), weights=(1.0,), state_dim=14,
+                     action_dim=14)
+  config.model.state_dim = 14
+  config.model.action_expert.update(action_dim=14, state_dim=14)
+  rng = np.random.default_rng(0)
+  stats = lambda: ArrayStats.compute(rng.normal(size=(500, 14)) * 0.3).to_json()
+  norm_stats = {ALOHA_TEST_SPEC.name: dict(action=stats(), state=stats())}
+  return write_policy_dirs(tmp_path_factory.mktemp("aloha_policy"), config, norm_stats)
 
 
 def observation(seed: int, dataset: str = "bridge_dataset", image_shape=(96, 128),

@@ -215,6 +215,7 @@ class LibraPolicy(Policy):
   def __init__(self, bundle, *, mode: str | None = None, blend_steps: int | None = None,
                **kwargs):
     super().__init__(bundle, **kwargs)
+    self.max_batch_size = 1  # One intent buffer: one observation per call.
     runtime = bundle.config.get("runtime", {})
     self.mode = mode or runtime.get("mode", "interleaved")
     blend = int(runtime.get("blend_steps", 2) if blend_steps is None else blend_steps)
@@ -260,7 +261,11 @@ class LibraPolicy(Policy):
                              "keeps one intent buffer (one robot): send one observation.")
     observation = observations[0]
     checked = self.check(observation)
-    if observation.get("new_episode") or checked.instruction != self._instruction:
+    new_episode = observation.get("new_episode", False)
+    if not isinstance(new_episode, (bool, np.bool_)):
+      raise ObservationError(f"observation['new_episode'] is a {type(new_episode).__name__}; "
+                             "send True to start a new episode (or leave it out).")
+    if new_episode or checked.instruction != self._instruction:
       self.reset()
     self._instruction = checked.instruction
     start = time.perf_counter()

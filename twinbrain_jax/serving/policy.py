@@ -67,35 +67,46 @@ class Observation:
   seed: int
 
 
-def _array(value: Any, key: str) -> np.ndarray:
-  if not isinstance(value, np.ndarray):
-    raise ObservationError(f"observation[{key!r}] is a {type(value).__name__}; send a numpy "
-                           "array.")
-  return value
-
-
-def _check_camera(image: Any, key: str) -> np.ndarray:
-  image = _array(image, key)
+def check_camera(image: Any, where: str) -> np.ndarray:
+  """One camera image, checked; `where` names it in errors (e.g. "observation['image']")."""
+  if not isinstance(image, np.ndarray):
+    raise ObservationError(f"{where} is a {type(image).__name__}; send a numpy array.")
   if image.dtype != np.uint8:
     raise ObservationError(
-        f"observation[{key!r}] has dtype {image.dtype}; send uint8 RGB values 0..255 (e.g. "
+        f"{where} has dtype {image.dtype}; send uint8 RGB values 0..255 (e.g. "
         "(x * 255).round().astype(np.uint8) for floats in [0, 1]).")
   if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
-    raise ObservationError(f"observation[{key!r}] has shape {image.shape}; expected an RGB image "
-                           "[H, W, 3] (channels last, H, W >= 1).")
+    raise ObservationError(f"{where} has shape {image.shape}; expected an RGB image [H, W, 3] "
+                           "(channels last, H, W >= 1).")
   return image
 
 
 def _cameras(image: Any) -> list[np.ndarray]:
   """The cameras of `observation["image"]`, primary first, each checked."""
-  if isinstance(image, (list, tuple)):
-    if not image:
-      raise ObservationError("observation['image'] is an empty list; send at least the primary "
-                             "camera, uint8 [H, W, 3].")
-    return [_check_camera(c, f"image[{i}]") for i, c in enumerate(image)]
-  if isinstance(image, np.ndarray) and image.ndim == 4:
-    return [_check_camera(c, f"image[{i}]") for i, c in enumerate(image)]
-  return [_check_camera(image, "image")]
+  if isinstance(image, (list, tuple)) or (isinstance(image, np.ndarray) and image.ndim == 4):
+    if len(image) == 0:
+      raise ObservationError(f"observation['image'] holds no camera ({_shape_of(image)}); send "
+                             "at least the primary camera, uint8 [H, W, 3].")
+    return [check_camera(c, f"observation['image'][{i}]") for i, c in enumerate(image)]
+  return [check_camera(image, "observation['image']")]
+
+
+def _shape_of(value: Any) -> str:
+  return f"shape {value.shape}" if isinstance(value, np.ndarray) else "an empty list"
+
+
+def _state_array(state: Any) -> np.ndarray:
+  """`observation["state"]` as an array: a numpy array, or a flat list of numbers."""
+  if isinstance(state, (list, tuple)):
+    try:
+      state = np.asarray(state)
+    except ValueError:  # A ragged nested list.
+      raise ObservationError("observation['state'] is a ragged nested list; send a flat list or "
+                             "array of numbers.") from None
+  if not isinstance(state, np.ndarray):
+    raise ObservationError(f"observation['state'] is a {type(state).__name__}; send a numpy "
+                           "array.")
+  return state
 
 
 def _sample_chunks(model: twinbrain.TwinBrainVLA, params: Any, obs: Mapping[str, jax.Array],
@@ -239,10 +250,7 @@ class Policy:
       raise ObservationError(f"observation['dataset']={dataset!r} is unknown to this policy; "
                              f"send one of {sorted(self.datasets)}.")
     spec = self.datasets[dataset]
-    state = observation["state"]
-    if isinstance(state, (list, tuple)):
-      state = np.asarray(state)
-    state = _array(state, "state")
+    state = _state_array(observation["state"])
     if state.dtype.kind not in "fiu":
       raise ObservationError(f"observation['state'] has dtype {state.dtype}; send numbers "
                              f"(float [{spec.state_dim}]).")

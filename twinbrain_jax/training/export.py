@@ -2,7 +2,8 @@
 
     <bundle>/
         params/            orbax checkpoint of the full `params` collection in one dtype
-        config.json        the resolved config (model, inputs, flow, data blocks)
+        config.json        the resolved config (model, inputs, flow, data blocks; `serving`:
+                           the observation format clients use, when one was chosen)
         norm_stats.json    dataset name -> norm stats (un-normalise the sampled actions)
         tokenizer/         the tokenizer files
 
@@ -35,7 +36,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
                   norm_stats: Mapping[str, Any], tokenizer_dir: str | os.PathLike,
-                  out_dir: str | os.PathLike, dtype: str = "bfloat16") -> pathlib.Path:
+                  out_dir: str | os.PathLike, dtype: str = "bfloat16",
+                  obs_format: str | None = None) -> pathlib.Path:
   """Writes an inference bundle.
 
   Args:
@@ -44,6 +46,8 @@ def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
     norm_stats: dataset name -> norm stats JSON (from the checkpoint).
     tokenizer_dir: a directory holding `tokenizer.json` (every file in it is copied).
     dtype: storage dtype of every parameter ("float32", "bfloat16", "float16").
+    obs_format: recorded as `serving.obs_format`: the observation layout `scripts/serve.py`
+      serves by default (a name of `serving.formats.FORMATS`).
   """
   if dtype not in _DTYPES:
     raise ValueError(f"Unknown export dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
@@ -62,6 +66,8 @@ def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
     checkpointer.wait_until_finished()
   config = dict(config)
   config["export"] = dict(dtype=dtype)
+  if obs_format is not None:
+    config["serving"] = dict(config.get("serving") or {}, obs_format=obs_format)
   (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
   (out / NORM_STATS_FILE).write_text(json.dumps(dict(norm_stats)))
   shutil.copytree(source, out / TOKENIZER_DIR)
@@ -110,7 +116,12 @@ def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) 
     model_block.dtype = compute_dtype
   model = families.build_model(families.model_config(config))
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(directory / PARAMS_DIR)
+    # Onto the default device, whatever mesh wrote the bundle (its sharding metadata names
+    # devices this host may not have).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          checkpointer.metadata(directory / PARAMS_DIR).item_metadata)
+    params = checkpointer.restore(directory / PARAMS_DIR, target)
   params = jax.tree.map(jnp.asarray, params)
   norm_stats = json.loads((directory / NORM_STATS_FILE).read_text())
   return Bundle(model=model, params=params, config=config, norm_stats=norm_stats,
@@ -178,7 +189,8 @@ def _run_tokenizer_dir(config_json: Mapping[str, Any],
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       dtype: str = "bfloat16", step: int | None = None,
-                      tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+                      tokenizer_dir: str | os.PathLike | None = None,
+                      obs_format: str | None = None) -> pathlib.Path:
   """Exports the latest (or `step`'s) checkpoint of a training run as an inference bundle.
 
   The config and norm stats come from the checkpoint itself; the tokenizer from
@@ -186,7 +198,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
   """
   params, config_json, norm_stats = restore_checkpoint(checkpoint_dir, step)
   return export_bundle(params, config_json, norm_stats,
-                       _run_tokenizer_dir(config_json, tokenizer_dir), out_dir, dtype)
+                       _run_tokenizer_dir(config_json, tokenizer_dir), out_dir, dtype, obs_format)
 
 
 def bundle_from_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None,
