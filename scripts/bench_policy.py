@@ -9,9 +9,14 @@ state and a 12-word instruction, batch 1. In process, the inference is split int
 cross-attention K/V), DiT steps (the ODE loop) and postprocess (un-normalisation), each timed
 after the device finished; `Policy.infer` end to end is timed apart. Over the socket,
 `scripts/serve.py` runs in a subprocess and the real openpi client measures the round trip.
-Medians of `--repeats` runs after a warm-up; compile times are reported apart.
+Medians of `--repeats` runs after a warm-up; compile times are reported apart. Then throughput:
+1, 4 and 8 openpi clients sending requests back to back, against a server that runs one request
+at a time (`--max_batch=1`) and one that batches the requests of several clients
+(`--max_batch=8`): requests per second, round-trip percentiles, and the server's queue / model
+split.
 """
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -20,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import flax.linen as nn
@@ -43,6 +49,8 @@ import twinbrain as twinbrain_configs  # noqa: E402
 
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "small"], "Presets of configs/twinbrain.py.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement (median reported).")
+_REQUESTS = flags.DEFINE_integer("requests_per_client", 20,
+                                 "Throughput: requests each client sends, back to back.")
 _HANG_S = 600
 
 INSTRUCTION = "put the small spoon from the basket on the towel next to the blue cloth"
@@ -119,33 +127,23 @@ def bench_in_process(bundle_dir: pathlib.Path, repeats: int) -> dict:
               compile_dit_s=compile_dit_s)
 
 
-def bench_socket(bundle_dir: pathlib.Path, repeats: int, log_dir: pathlib.Path) -> dict:
-  from openpi_client.websocket_client_policy import WebsocketClientPolicy  # Test extra.
-
-  stdout = open(log_dir / "serve.out", "w")
+@contextlib.contextmanager
+def serving(bundle_dir: pathlib.Path, log_dir: pathlib.Path, *flags: str):
+  """`scripts/serve.py` in a subprocess on a free loopback port; yields the port. SIGTERM (and,
+  if it hangs, SIGKILL) on exit."""
+  log = log_dir / f"serve{'_'.join(flags).replace('-', '').replace('=', '')}.out"
+  stdout = open(log, "w")
   server = subprocess.Popen(
       [sys.executable, str(REPO / "scripts/serve.py"), f"--bundle={bundle_dir}",
-       "--host=127.0.0.1", "--port=0"], stdout=stdout, stderr=subprocess.DEVNULL,
+       "--host=127.0.0.1", "--port=0", *flags], stdout=stdout, stderr=subprocess.DEVNULL,
       start_new_session=True)
   try:
     deadline = time.monotonic() + _HANG_S
-    while not (match := re.search(r"serving on ws://127\.0\.0\.1:(\d+)",
-                                  (log_dir / "serve.out").read_text())):
+    while not (match := re.search(r"serving on ws://127\.0\.0\.1:(\d+)", log.read_text())):
       if server.poll() is not None or time.monotonic() > deadline:
-        raise RuntimeError(f"serve.py did not start: {(log_dir / 'serve.out').read_text()}")
+        raise RuntimeError(f"serve.py did not start: {log.read_text()}")
       time.sleep(0.5)
-    client = WebsocketClientPolicy(host="127.0.0.1", port=int(match.group(1)))
-    obs = observation()
-    timings = []
-
-    def request():
-      timings.append(client.infer(obs)["server_timing"])
-
-    round_trip = _median_ms(request, repeats)
-    client._ws.close()
-    server_ms = {k: float(np.median([t[k] for t in timings[1:]]))
-                 for k in ("preprocess_ms", "model_ms", "postprocess_ms", "queue_ms")}
-    return dict(round_trip=round_trip, **server_ms)
+    yield int(match.group(1))
   finally:
     server.send_signal(signal.SIGTERM)
     try:
@@ -154,6 +152,79 @@ def bench_socket(bundle_dir: pathlib.Path, repeats: int, log_dir: pathlib.Path) 
       os.killpg(server.pid, signal.SIGKILL)
       server.wait()
     stdout.close()
+
+
+def bench_socket(bundle_dir: pathlib.Path, repeats: int, log_dir: pathlib.Path) -> dict:
+  from openpi_client.websocket_client_policy import WebsocketClientPolicy  # Test extra.
+
+  with serving(bundle_dir, log_dir) as port:
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    obs = observation()
+    timings = []
+
+    def request():
+      timings.append(client.infer(obs)["server_timing"])
+
+    round_trip = _median_ms(request, repeats)
+    client._ws.close()
+  server_ms = {k: float(np.median([t[k] for t in timings[1:]]))
+               for k in ("preprocess_ms", "model_ms", "postprocess_ms", "queue_ms")}
+  return dict(round_trip=round_trip, **server_ms)
+
+
+def bench_clients(port: int, num_clients: int, requests_per_client: int) -> dict:
+  """`num_clients` openpi clients, each sending `requests_per_client` requests back to back
+  (after one untimed request each); requests per second, round-trip percentiles and the
+  server's queue / model split."""
+  from openpi_client.websocket_client_policy import WebsocketClientPolicy  # Test extra.
+
+  clients = [WebsocketClientPolicy(host="127.0.0.1", port=port) for _ in range(num_clients)]
+  observations = [observation(seed=c) for c in range(num_clients)]
+  for client, obs in zip(clients, observations):
+    client.infer(obs)
+  start = threading.Barrier(num_clients + 1)
+  round_trips, timings, errors = [], [], []
+
+  def run(client, obs):
+    try:
+      start.wait()
+      for _ in range(requests_per_client):
+        sent = time.perf_counter()
+        timing = client.infer(obs)["server_timing"]
+        round_trips.append(time.perf_counter() - sent)
+        timings.append(timing)
+    except Exception as e:  # pylint: disable=broad-except  (reported below)
+      errors.append(e)
+
+  threads = [threading.Thread(target=run, args=pair) for pair in zip(clients, observations)]
+  for t in threads:
+    t.start()
+  start.wait()
+  began = time.perf_counter()
+  for t in threads:
+    t.join()
+  wall = time.perf_counter() - began
+  for client in clients:
+    client._ws.close()
+  if errors:
+    raise RuntimeError(f"{len(errors)} clients failed: {errors[0]!r}")
+  p50, p90, p99 = 1e3 * np.percentile(round_trips, [50, 90, 99])
+  median = lambda key: float(np.median([t[key] for t in timings]))
+  return dict(requests_per_s=len(round_trips) / wall, p50=p50, p90=p90, p99=p99,
+              queue_ms=median("queue_ms"), model_ms=median("model_ms"),
+              batch_size=float(np.mean([t["batch_size"] for t in timings])))
+
+
+def bench_throughput(bundle_dir: pathlib.Path, requests_per_client: int,
+                     log_dir: pathlib.Path) -> list[dict]:
+  """1, 4 and 8 clients against a server that batches across clients and one that does not."""
+  rows = []
+  for max_batch in (1, 8):
+    with serving(bundle_dir, log_dir, f"--max_batch={max_batch}") as port:
+      for num_clients in (1, 4, 8):
+        rows.append(dict(max_batch=max_batch, clients=num_clients,
+                         **bench_clients(port, num_clients, requests_per_client)))
+  return rows
 
 
 def main(argv):
@@ -166,7 +237,8 @@ def main(argv):
       directory.mkdir()
       bundle = write_bundle(preset, directory)
       rows.append(dict(preset=preset, **bench_in_process(bundle, _REPEATS.value),
-                       socket=bench_socket(bundle, _REPEATS.value, directory)))
+                       socket=bench_socket(bundle, _REPEATS.value, directory),
+                       clients=bench_throughput(bundle, _REQUESTS.value, directory)))
   print(f"\nPolicy inference on {jax.devices()[0].platform} ({os.cpu_count()} cores), fp32, "
         "batch 1 (one 480x640 frame, 7-dim state, 12-word instruction), median of "
         f"{_REPEATS.value} runs after a warm-up; 1-minute load average {load_before:.2f} before "
@@ -191,6 +263,19 @@ def main(argv):
     print(f"| {r['preset']} | {s['round_trip']:.2f} | {s['preprocess_ms']:.2f} | "
           f"{s['model_ms']:.2f} | {s['postprocess_ms']:.2f} | {s['queue_ms']:.2f} | "
           f"{s['round_trip'] - served:.2f} |")
+
+
+  print(f"\nSeveral clients (scripts/serve.py, openpi-client threads, each sending "
+        f"{_REQUESTS.value} requests back to back; max batch 1 = one request at a time, 8 = "
+        "requests of several clients batched, window 2 ms)\n")
+  print("| preset | max batch | clients | requests/s | p50 (ms) | p90 (ms) | p99 (ms) | "
+        "server queue (ms) | server model (ms) | mean batch |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    for c in r["clients"]:
+      print(f"| {r['preset']} | {c['max_batch']} | {c['clients']} | {c['requests_per_s']:.1f} | "
+            f"{c['p50']:.1f} | {c['p90']:.1f} | {c['p99']:.1f} | {c['queue_ms']:.1f} | "
+            f"{c['model_ms']:.1f} | {c['batch_size']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -180,11 +180,16 @@ def test_served_policy_runs_closed_loop_and_matches_in_process(mw_run, tmp_path)
     served = processes.run([*evaluate, f"--server=127.0.0.1:{port}", "--label=served",
                             f"--output_dir={tmp_path}"], tmp_path / "eval_served", HANG_S,
                            cwd=REPO)
+    server_log = server.stderr
   assert served.returncode == 0, served.stderr[-3000:]
   in_process = processes.run([*evaluate, f"--policy={checkpoints}", "--label=in_process",
                               f"--output_dir={tmp_path}"], tmp_path / "eval_local", HANG_S,
                              cwd=REPO)
   assert in_process.returncode == 0, in_process.stderr[-3000:]
+  # What a user reads: the tables, not library INFO lines (orbax logs every load at INFO).
+  for log in (server_log, served.stderr, in_process.stderr):
+    assert not re.search(r"^I\d{4} ", log, re.M), log[:2000]
+  assert "success" in in_process.stdout
   results = {}
   for label in ("served", "in_process"):
     with open(tmp_path / f"{label}.json") as f:

@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from twinbrain_jax.config_lib import ConfigError
 
@@ -63,16 +63,21 @@ def use_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_enable_compilation_cache", False)
 
 
-def run(main: Callable[[list[str]], None], *, compilation_cache: bool = True) -> None:
+def run(main: Callable[[list[str]], None], *, compilation_cache: bool = True,
+        info_logs: bool = True) -> None:
   """`absl.app.run(main)` reporting config errors as one clear line instead of a traceback.
 
   With `compilation_cache` (scripts that train, serve or evaluate) compiled steps are cached on
   disk (`--compilation_cache_dir`); scripts that time compilation pass False, so the cache is on
-  there only when the flag names a directory.
+  there only when the flag names a directory. Scripts that print what their user needs pass
+  `info_logs=False`: INFO lines (orbax's per-load lines, connections) then show only with an
+  explicit `--verbosity=0`; warnings and errors always do.
   """
 
   @functools.wraps(main)
   def checked_main(argv):
+    if not info_logs and not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
     cache_dir = _COMPILATION_CACHE_DIR.value
     if cache_dir is None:
       cache_dir = (os.environ.get("JAX_COMPILATION_CACHE_DIR", DEFAULT_COMPILATION_CACHE_DIR)
