@@ -84,7 +84,7 @@ def main(argv):
     print(f"train from it with --config.data.data_dir={_DATA_DIR.value} "
           f"\"--config.data.datasets=({mwd.lerobot_entry()!r},)\"")
   expected = oxe_registry.get_spec(mwd.NAME).image_shape
-  if tuple(report.image_size) != tuple(expected):
+  if _FORMAT.value == "rlds" and tuple(report.image_size) != tuple(expected):
     print(f"note: the registry entry {mwd.NAME!r} reads {expected[0]}x{expected[1]} frames; "
           f"these are {report.image_size[0]}x{report.image_size[1]}: read them with a DatasetSpec "
           f"of that image_shape (dataclasses.replace(get_spec({mwd.NAME!r}), image_shape=...)).")

@@ -93,4 +93,5 @@ def test_script_writes_the_lerobot_format_and_says_how_to_train(tmp_path):
   assert (tmp_path / mwd.LEROBOT_DIR / "meta" / "info.json").is_file()
   assert not (tmp_path / mwd.NAME).exists()
   assert f"--config.data.datasets=({mwd.lerobot_entry()!r},)" in done.stdout
+  assert "registry entry" not in done.stdout  # The LeRobot reader takes any frame size.
 
