@@ -457,6 +457,9 @@ def decode_video_frame(path: str, time_s: float, *, where: str = "",
   try:
     with av.open(path) as container:
       stream = container.streams.video[0]
+      # One decoding thread: parallelism comes from reader threads and workers (dav1d's own
+      # threads oversubscribe the cores: docs/data.md, benchmarks).
+      stream.codec_context.thread_count = 1
       container.seek(max(0, int(time_s / stream.time_base)), stream=stream, backward=True,
                      any_frame=False)
       last = None
