@@ -21,6 +21,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+from fixtures_demo import tiny_demo  # noqa: E402,F401  (one tiny demo per session, see there)
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):

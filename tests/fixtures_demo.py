@@ -1,7 +1,10 @@
 """`make demo` on tiny settings, run once per test session (shared by the demo and notebook tests;
 mark their tests `xdist_group(DEMO_GROUP)` so one worker runs them all and builds it once).
 
-    from fixtures_demo import DEMO_GROUP, TINY_DEMO, tiny_demo  # noqa: F401  (pytest fixture)
+The fixture `tiny_demo` is registered in conftest.py: a fixture imported into several test
+modules is a separate fixture in each, and each would build its own demo.
+
+    from fixtures_demo import DEMO_GROUP, TINY_DEMO
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fixtures_demo import DEMO_GROUP, TINY_DEMO, tiny_demo  # noqa: F401  (pytest fixture)
+from fixtures_demo import DEMO_GROUP, TINY_DEMO
 from twinbrain_jax.sim import demo
 from twinbrain_jax.sim import evaluation
 from twinbrain_jax.sim import metaworld as mw

@@ -14,7 +14,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from fixtures_demo import DEMO_GROUP, HANG_S, TINY_DEMO, tiny_demo  # noqa: F401  (pytest fixture)
+from fixtures_demo import DEMO_GROUP, HANG_S, TINY_DEMO
 from twinbrain_jax.sim import demo
 from twinbrain_jax.sim import metaworld as mw
 
