@@ -5,7 +5,8 @@ stats, tokenizer).
       --dtype=bfloat16
 
 `--obs_format=libero` (or droid, aloha) records the observation layout the bundle's clients send:
-`scripts/serve.py` serves it by default. A damaged newer step is skipped with a warning; `scripts/checkpoints.py` lists the whole steps.
+`scripts/serve.py` serves it by default. A damaged newer step is skipped with a warning;
+`scripts/checkpoints.py` lists the whole steps.
 """
 
 import sys
@@ -13,6 +14,7 @@ import sys
 from absl import flags
 
 from twinbrain_jax import cli
+from twinbrain_jax.data.rlds import DataError
 from twinbrain_jax.serving import formats
 from twinbrain_jax.training import checkpoint, export
 
@@ -32,7 +34,8 @@ def main(argv):
   try:
     out = export.export_checkpoint(_CHECKPOINT_DIR.value, _OUT.value, _DTYPE.value, _STEP.value,
                                    _TOKENIZER.value, _OBS_FORMAT.value)
-  except (checkpoint.DamagedCheckpointError, FileNotFoundError, FileExistsError) as e:
+  except (checkpoint.DamagedCheckpointError, FileNotFoundError, FileExistsError,
+          DataError) as e:
     sys.exit(f"error: {e}")
   print(f"wrote {out}")
 

@@ -1,6 +1,8 @@
 """Policy: the training preprocessing, un-normalised actions, compiles, batches, bad input."""
 
 import os
+import pathlib
+import shutil
 import sys
 
 import jax
@@ -11,12 +13,14 @@ import pytest
 import processes
 from fixtures_data import oxe_data_dir  # noqa: F401  (pytest fixture)
 from fixtures_serving import (bad_observation, make_policy_dirs, observation,  # noqa: F401
-                              tiny_policy_dirs)
+                              tiny_policy_dirs, twinbrain_configs, write_policy_dirs)
 from twinbrain_jax.data import normalization
 from twinbrain_jax.data.pipeline import DataPipeline
 from twinbrain_jax.models.twinbrain import sample_actions
 from twinbrain_jax.serving.policy import ObservationError, Policy
 from twinbrain_jax.training import loop
+
+LEROBOT_FIXTURES = pathlib.Path(__file__).parent / "data" / "lerobot"
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +192,24 @@ def test_a_bundle_exported_from_a_mesh_loads_on_one_device(policy, tiny_policy_d
   assert result.returncode == 0, result.stderr[-3000:]
   np.testing.assert_allclose(np.load(tmp_path / "actions.npy"), policy.infer(obs)["actions"],
                              rtol=0, atol=1e-5)
+
+
+def test_a_bundle_of_a_lerobot_run_serves_without_the_data(tmp_path):
+  """A LeRobot entry's widths come from its `meta/info.json`: the bundle keeps a copy, so the
+  policy loads and acts after the data is gone."""
+  data_dir = tmp_path / "so100"
+  shutil.copytree(LEROBOT_FIXTURES / "v30_video", data_dir)
+  config = twinbrain_configs.get_config("tiny")
+  config.data.update(datasets=(dict(name="my_robot", format="lerobot", dir=str(data_dir),
+                                    cameras=("observation.images.top",)),),
+                     weights=(1.0,), stats_dir=str(tmp_path / "stats"))
+  dirs = write_policy_dirs(tmp_path / "policy", config)
+  obs = dict(image=np.zeros((40, 48, 3), np.uint8), state=np.linspace(-1, 1, 6),
+             instruction="pick up the cube")
+  before = Policy.load(dirs.bundle_dir).infer(obs)["actions"]
+  shutil.rmtree(data_dir)
+  policy = Policy.load(dirs.bundle_dir)
+  assert policy.datasets["my_robot"].state_dim == 6
+  after = policy.infer(obs)["actions"]
+  assert after.shape == (16, 4)
+  np.testing.assert_array_equal(after, before)

@@ -6,6 +6,9 @@
                            the observation format clients use, when one was chosen)
         norm_stats.json    dataset name -> norm stats (un-normalise the sampled actions)
         tokenizer/         the tokenizer files
+        lerobot_meta/<i>/meta/info.json
+                           the schema of LeRobot entry i of `data.datasets` (widths of its state
+                           and actions), so the bundle loads where the data is not
 
 `load_bundle` imports only the model, the tokenizer and orbax (no optimizer, no data pipeline),
 so a serving process can load a bundle without the training stack.
@@ -31,6 +34,7 @@ from twinbrain_jax.models.tokenizer import QwenTokenizer
 
 PARAMS_DIR, CONFIG_FILE, NORM_STATS_FILE, TOKENIZER_DIR = (
     "params", "config.json", "norm_stats.json", "tokenizer")
+LEROBOT_META_DIR = "lerobot_meta"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -59,6 +63,7 @@ def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
   source = pathlib.Path(tokenizer_dir)
   if not (source / "tokenizer.json").exists():
     raise FileNotFoundError(f"{source} has no tokenizer.json; pass the run's tokenizer dir.")
+  schemas = _lerobot_schemas(config)  # Before anything is written: the data must be readable.
   out.mkdir(parents=True)
   cast = jax.tree.map(lambda x: jnp.asarray(x, _DTYPES[dtype]), dict(params))
   with ocp.StandardCheckpointer() as checkpointer:
@@ -71,7 +76,35 @@ def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
   (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
   (out / NORM_STATS_FILE).write_text(json.dumps(dict(norm_stats)))
   shutil.copytree(source, out / TOKENIZER_DIR)
+  for index, info in schemas.items():
+    (out / LEROBOT_META_DIR / str(index) / info.parent.name).mkdir(parents=True)
+    shutil.copy(info, out / LEROBOT_META_DIR / str(index) / info.parent.name / info.name)
   return out
+
+
+def _lerobot_schemas(config: Mapping[str, Any]) -> dict[int, pathlib.Path]:
+  """Index in `data.datasets` -> the `meta/info.json` of every LeRobot entry whose schema comes
+  from its data (not from a registry `spec`)."""
+  from twinbrain_jax.data import config as data_config
+  from twinbrain_jax.data import lerobot
+
+  data = ml_collections.ConfigDict(config["data"])
+  schemas = {}
+  for index, (raw, entry) in enumerate(zip(data.datasets, data_config.dataset_entries(data))):
+    if entry.format == "lerobot" and not (isinstance(raw, Mapping) and raw.get("spec")):
+      schemas[index] = pathlib.Path(entry.directory(data.get("data_dir"))) / lerobot.INFO_FILE
+  return schemas
+
+
+def _with_bundled_schemas(config: ml_collections.ConfigDict, directory: pathlib.Path) -> None:
+  """Points the LeRobot entries of `config.data.datasets` at the schemas the bundle holds."""
+  if not (directory / LEROBOT_META_DIR).is_dir():
+    return
+  datasets = list(config.data.datasets)
+  for schema in (directory / LEROBOT_META_DIR).iterdir():
+    index = int(schema.name)
+    datasets[index] = dict(datasets[index], dir=str(schema))
+  config.data.datasets = datasets
 
 
 @dataclasses.dataclass
@@ -107,6 +140,7 @@ def load_bundle(directory: str | os.PathLike, compute_dtype: str | None = None) 
       raise FileNotFoundError(f"{directory} is not an inference bundle: {name} is missing. "
                               "Write one with scripts/export.py.")
   config = ml_collections.ConfigDict(json.loads((directory / CONFIG_FILE).read_text()))
+  _with_bundled_schemas(config, directory)
   model_block = _with_stored_layout(config)
   stored = config.export.dtype
   model_block.param_dtype = stored
