@@ -129,3 +129,24 @@ def bad_observation(**changes) -> dict:
     else:
       obs[key] = value
   return obs
+
+
+def openpi_example(name: str, seed: int = 0) -> dict:
+  """An observation laid out as openpi's example clients build it (examples/simple_client,
+  examples/libero, examples/droid, examples/aloha_real): same keys, shapes and dtypes."""
+  rng = np.random.default_rng(seed)
+  image = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)
+  if name == "libero":
+    return {"observation/state": rng.random(8), "observation/image": image(224, 224, 3),
+            "observation/wrist_image": image(224, 224, 3), "prompt": "do something"}
+  if name == "droid":
+    return {"observation/exterior_image_1_left": image(224, 224, 3),
+            "observation/wrist_image_left": image(224, 224, 3),
+            "observation/joint_position": rng.random(7),
+            "observation/gripper_position": rng.random(1), "prompt": "do something"}
+  if name == "aloha":
+    return {"state": rng.random(14),
+            "images": {cam: image(3, 224, 224)
+                       for cam in ("cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist")},
+            "prompt": "do something"}
+  raise ValueError(name)

@@ -169,7 +169,7 @@ def test_blind_preset_drops_the_instruction_in_training(mw_run):
 
 def test_served_policy_runs_closed_loop_and_matches_in_process(mw_run, tmp_path):
   _, checkpoints = mw_run
-  serve = [sys.executable, "scripts/serve.py", "--host=127.0.0.1", "--port=0",
+  serve = [sys.executable, "scripts/serve.py", "--host=127.0.0.1", "--port=0", "--max_batch=1",
            f"--checkpoint={checkpoints}"]
   evaluate = [sys.executable, "scripts/eval_metaworld.py", f"--tasks={TASK}", "--episodes=1",
               f"--max_steps={MAX_STEPS}", "--num_videos=1", "--replan_steps=4",

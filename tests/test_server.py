@@ -21,9 +21,9 @@ from websockets.exceptions import ConnectionClosed
 import processes
 from fixtures_data import oxe_data_dir  # noqa: F401  (pytest fixture)
 from fixtures_serving import (REPO, aloha_policy_dirs, bad_observation,  # noqa: F401
-                              observation, tiny_policy_dirs)
-from test_formats import openpi_example
+                              observation, openpi_example, tiny_policy_dirs)
 from twinbrain_jax.serving.policy import Policy
+from twinbrain_jax.training import export
 
 # openpi-client 0.1.2 connects without a context manager, which websockets 17 deprecates.
 pytestmark = pytest.mark.filterwarnings(
@@ -102,6 +102,8 @@ def test_health_metadata_and_actions_equal_the_in_process_policy(server, policy)
   for key in ("preprocess_ms", "model_ms", "postprocess_ms", "queue_ms", "prev_total_ms"):
     assert timing[key] >= 0, key
   assert timing["model_ms"] > 0 and "prev_total_ms" not in first["server_timing"]
+  # The user reads the address; library INFO lines (orbax's per-load lines) stay hidden.
+  assert not re.search(r"^I\d{4} ", child.stderr, re.M), child.stderr[:2000]
 
 
 def test_concurrent_clients_get_their_own_answers(server, policy):
@@ -345,12 +347,16 @@ def test_openpi_example_clients_get_the_policys_actions(name, tiny_policy_dirs, 
   else:  # LIBERO and DROID send 8 state numbers: the fractal embodiment of the tiny policy.
     bundle, script = tiny_policy_dirs.bundle_dir, "scripts/serve.py"
     flags = ["--max_batch=1", "--dataset=fractal20220817_data"]
+  if name == "droid":  # The layout recorded in the bundle: served without --obs_format.
+    bundle = export.export_checkpoint(tiny_policy_dirs.checkpoint_dir, tmp_path / "droid_bundle",
+                                      "float32", obs_format="droid")
+  else:
+    flags.append(f"--obs_format={name}")
   reference = Policy.load(bundle, default_dataset=None if name == "aloha" else
                           "fractal20220817_data")
   requests = [openpi_example(name, seed) for seed in range(3)]
   expected = [reference.infer(_policy_view(name, o))["actions"] for o in requests]
-  with _serving(tmp_path, f"--bundle={bundle}", f"--obs_format={name}", *flags,
-                script=script) as (_, port):
+  with _serving(tmp_path, f"--bundle={bundle}", *flags, script=script) as (_, port):
     with _client(port) as client:
       metadata = client.get_server_metadata()
       assert metadata["obs_format"] == name

@@ -64,11 +64,10 @@ class ObservationFormat:
     return not self.cameras
 
   def describe(self) -> dict[str, str]:
-    """Key -> what it holds, for the server's metadata."""
+    """Key -> what it holds, for the server's metadata (the native format's keys are the
+    policy's, described by `Policy.metadata`)."""
     if self.native:
-      return dict(image="uint8 RGB [H, W, 3], any size (or a list of cameras, primary first)",
-                  state="float [state_dim of the dataset], raw units", instruction="str",
-                  dataset="str, optional", seed="int in [0, 2**32), optional")
+      return {}
     layout = "[3, H, W]" if self.channels_first else "[H, W, 3]"
     keys = {_name(c.path): f"uint8 RGB {layout}, camera '{c.role}'"
                            + (" (primary, required)" if i == 0 else " (optional)")

@@ -127,7 +127,9 @@ def export_command(paths: DemoPaths) -> list[str]:
 
 
 def serve_command(paths: DemoPaths) -> list[str]:
-  return _script("serve.py", f"--bundle={paths.bundle}", "--host=127.0.0.1", "--port=0")
+  # One client (the evaluation): batches of one, so only that size is compiled.
+  return _script("serve.py", f"--bundle={paths.bundle}", "--host=127.0.0.1", "--port=0",
+                 "--max_batch=1")
 
 
 def eval_command(settings: DemoSettings, paths: DemoPaths, policy: str, label: str,
