@@ -26,6 +26,9 @@ _EVAL_EPISODES = flags.DEFINE_integer("eval_episodes", _DEFAULTS.eval_episodes,
 _MAX_STEPS = flags.DEFINE_integer("max_steps", _DEFAULTS.max_steps, "Episode limit.")
 _NUM_VIDEOS = flags.DEFINE_integer("num_videos", _DEFAULTS.num_videos,
                                    "Recorded episodes per task.")
+_DATA_FORMAT = flags.DEFINE_enum("data_format", _DEFAULTS.data_format, ["rlds", "lerobot"],
+                                 "The demonstrations as RLDS or as a LeRobot v3.0 dataset; "
+                                 "training reads either.")
 
 
 def main(argv):
@@ -34,7 +37,8 @@ def main(argv):
     settings = demo.DemoSettings(
         tasks=_TASKS.value, episodes_per_task=_EPISODES.value, config=_CONFIG.value,
         train_steps=_TRAIN_STEPS.value, eval_episodes=_EVAL_EPISODES.value,
-        max_steps=_MAX_STEPS.value, num_videos=_NUM_VIDEOS.value)
+        max_steps=_MAX_STEPS.value, num_videos=_NUM_VIDEOS.value,
+        data_format=_DATA_FORMAT.value)
     demo.run(settings, _WORKDIR.value)
   except (demo.StageError, FileExistsError, ValueError) as e:  # ValueError: a misspelt task
     sys.exit(f"error: {e}")

@@ -44,6 +44,31 @@ def test_data_is_made_once_and_never_replaced(tmp_path):
     demo.dataset_commands(demo.DemoSettings(tasks="reach"), paths)
 
 
+def test_lerobot_demo_writes_and_trains_from_a_lerobot_dataset(tmp_path):
+  settings = demo.DemoSettings(tasks="reach", data_format="lerobot")
+  paths = demo.DemoPaths(str(tmp_path), settings.data_format)
+  assert paths.dataset == os.path.join(paths.data, mwd.LEROBOT_DIR)
+  (command,) = demo.dataset_commands(settings, paths)
+  assert "--format=lerobot" in command
+  train = demo.train_command(settings, paths)
+  assert f"--config.data.datasets=({mwd.lerobot_entry()!r},)" in train
+  with pytest.raises(ValueError, match="data_format='parquet'; choose rlds or lerobot"):
+    demo.DemoSettings(data_format="parquet")
+
+
+@pytest.mark.slow
+def test_lerobot_demo_commands_train(tmp_path):
+  """The demo's own data and training commands, on a LeRobot copy of two demonstrations."""
+  settings = demo.DemoSettings(tasks="reach", episodes_per_task=2, data_format="lerobot",
+                               config="configs/twinbrain.py:metaworld_tiny", train_steps=2)
+  paths = demo.DemoPaths(str(tmp_path), settings.data_format)
+  for command in demo.dataset_commands(settings, paths):
+    demo.check_call("making the dataset", command)
+  assert mwd.read_report(paths.dataset)["tasks"][0]["task"] == "reach-v3"
+  demo.check_call("training", demo.train_command(settings, paths))
+  assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
 def test_a_failed_stage_stops_the_demo_and_is_named():
   with pytest.raises(demo.StageError, match=r"training failed \(exit status 3\)"):
     demo.check_call("training", [sys.executable, "-c", "import sys; sys.exit(3)"])

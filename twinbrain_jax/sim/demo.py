@@ -52,9 +52,12 @@ class DemoSettings:
   eval_episodes: int = 5  # per task, on mw.eval_seeds
   max_steps: int = 200  # episode limit of the evaluation
   num_videos: int = 5  # the trained policy's recorded episodes per task (all, by default)
+  data_format: str = "rlds"  # the demonstrations as RLDS, or as a LeRobot v3.0 dataset
 
   def __post_init__(self):
     mw.resolve_tasks(self.tasks)  # Raises with close matches on a misspelt task.
+    if self.data_format not in ("rlds", "lerobot"):
+      raise ValueError(f"DemoSettings.data_format={self.data_format!r}; choose rlds or lerobot.")
     for name in ("episodes_per_task", "eval_episodes", "max_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"DemoSettings.{name} must be >= 1; got {getattr(self, name)}.")
@@ -66,9 +69,15 @@ class DemoSettings:
 class DemoPaths:
   """Where a demo in `workdir` writes: `data/` is kept between runs, the rest is replaced."""
   workdir: str
+  data_format: str = "rlds"
 
   data = property(lambda self: os.path.join(self.workdir, "data"))
-  dataset = property(lambda self: os.path.join(self.data, "metaworld", "1.0.0"))
+
+  @property
+  def dataset(self) -> str:
+    from twinbrain_jax.sim import metaworld_dataset as mwd  # pylint: disable=g-import-not-at-top
+    return mwd.dataset_dir(self.data, self.data_format)
+
   tokenizer = property(lambda self: os.path.join(self.data, "tokenizer"))
   run = property(lambda self: os.path.join(self.workdir, "run"))
   checkpoints = property(lambda self: os.path.join(self.run, "checkpoints"))
@@ -104,7 +113,8 @@ def dataset_commands(settings: DemoSettings, paths: DemoPaths) -> list[list[str]
     commands.append(_script(
         "make_metaworld_dataset.py", f"--data_dir={paths.data}", f"--tasks={settings.tasks}",
         f"--episodes_per_task={settings.episodes_per_task}", f"--config={settings.config}",
-        f"--tokenizer_dir={paths.tokenizer}", "--verbosity=-1"))
+        f"--tokenizer_dir={paths.tokenizer}", f"--format={settings.data_format}",
+        "--verbosity=-1"))
   if not commands and not os.path.exists(paths.tokenizer):
     commands.append(_script("make_metaworld_dataset.py", f"--data_dir={paths.data}",
                             f"--config={settings.config}", f"--tokenizer_dir={paths.tokenizer}",
@@ -118,6 +128,9 @@ def train_command(settings: DemoSettings, paths: DemoPaths) -> list[str]:
            "--verbosity=-1"]  # Warnings and the progress bar, not library INFO logs.
   if settings.train_steps is not None:
     flags.append(f"--config.train.num_steps={settings.train_steps}")
+  if settings.data_format == "lerobot":
+    from twinbrain_jax.sim import metaworld_dataset as mwd  # pylint: disable=g-import-not-at-top
+    flags += [f"--config.data.datasets=({mwd.lerobot_entry()!r},)", "--config.data.weights=(1.0,)"]
   return _script("train.py", *flags)
 
 
@@ -214,7 +227,7 @@ def run(settings: DemoSettings, workdir: str) -> dict[str, Any]:
   Raises:
     StageError: a stage failed (its output is above); later stages did not run.
   """
-  paths = DemoPaths(os.path.abspath(workdir))
+  paths = DemoPaths(os.path.abspath(workdir), settings.data_format)
   timings = {}
   start = time.perf_counter()
 
