@@ -10,7 +10,8 @@ cross-attention K/V), DiT steps (the ODE loop) and postprocess (un-normalisation
 after the device finished; `Policy.infer` end to end is timed apart. Over the socket,
 `scripts/serve.py` runs in a subprocess and the real openpi client measures the round trip.
 Medians of `--repeats` runs after a warm-up; compile times are reported apart. Then throughput:
-1, 4 and 8 openpi clients sending requests back to back, against a server that runs one request
+1, 4 and 8 openpi clients (threads of this process) sending requests of a 224x224 frame (as
+openpi's example clients send) back to back, against a server that runs one request
 at a time (`--max_batch=1`) and one that batches the requests of several clients
 (`--max_batch=8`): requests per second, round-trip percentiles, and the server's queue / model
 split.
@@ -51,6 +52,8 @@ _PRESETS = flags.DEFINE_list("presets", ["tiny", "small"], "Presets of configs/t
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement (median reported).")
 _REQUESTS = flags.DEFINE_integer("requests_per_client", 20,
                                  "Throughput: requests each client sends, back to back.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Throughput: rounds, alternating between the "
+                               "servers (medians reported).")
 _HANG_S = 600
 
 INSTRUCTION = "put the small spoon from the basket on the towel next to the blue cloth"
@@ -86,9 +89,9 @@ def write_bundle(preset: str, directory: pathlib.Path) -> pathlib.Path:
                               directory / "tokenizer", directory / "bundle", dtype="float32")
 
 
-def observation(seed: int = 0) -> dict:
+def observation(seed: int = 0, image_shape: tuple[int, int] = (480, 640)) -> dict:
   rng = np.random.default_rng(seed)
-  return dict(image=rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+  return dict(image=rng.integers(0, 256, (*image_shape, 3), dtype=np.uint8),
               state=rng.normal(size=7).astype(np.float32), instruction=INSTRUCTION)
 
 
@@ -179,7 +182,8 @@ def bench_clients(port: int, num_clients: int, requests_per_client: int) -> dict
   from openpi_client.websocket_client_policy import WebsocketClientPolicy  # Test extra.
 
   clients = [WebsocketClientPolicy(host="127.0.0.1", port=port) for _ in range(num_clients)]
-  observations = [observation(seed=c) for c in range(num_clients)]
+  # 224x224 frames, as openpi's example clients send them (resized on the robot's computer).
+  observations = [observation(seed=c, image_shape=(224, 224)) for c in range(num_clients)]
   for client, obs in zip(clients, observations):
     client.infer(obs)
   start = threading.Barrier(num_clients + 1)
@@ -215,16 +219,23 @@ def bench_clients(port: int, num_clients: int, requests_per_client: int) -> dict
               batch_size=float(np.mean([t["batch_size"] for t in timings])))
 
 
-def bench_throughput(bundle_dir: pathlib.Path, requests_per_client: int,
+def bench_throughput(bundle_dir: pathlib.Path, requests_per_client: int, rounds: int,
                      log_dir: pathlib.Path) -> list[dict]:
-  """1, 4 and 8 clients against a server that batches across clients and one that does not."""
+  """1, 4 and 8 clients against a server that batches across clients and one that does not.
+  Both servers run side by side (the idle one waits on its socket) and are measured in turn,
+  `rounds` times, so that both see the same background load; medians over the rounds."""
   rows = []
-  for max_batch in (1, 8):
-    with serving(bundle_dir, log_dir, f"--max_batch={max_batch}") as port:
-      for num_clients in (1, 4, 8):
+  with serving(bundle_dir, log_dir, "--max_batch=1") as one, \
+       serving(bundle_dir, log_dir, "--max_batch=8") as batched:
+    for num_clients in (1, 4, 8):
+      runs = {1: [], 8: []}
+      for _ in range(rounds):
+        for max_batch, port in ((1, one), (8, batched)):
+          runs[max_batch].append(bench_clients(port, num_clients, requests_per_client))
+      for max_batch, results in runs.items():
         rows.append(dict(max_batch=max_batch, clients=num_clients,
-                         **bench_clients(port, num_clients, requests_per_client)))
-  return rows
+                         **{k: float(np.median([r[k] for r in results])) for k in results[0]}))
+  return sorted(rows, key=lambda r: (r["max_batch"], r["clients"]))
 
 
 def main(argv):
@@ -238,7 +249,8 @@ def main(argv):
       bundle = write_bundle(preset, directory)
       rows.append(dict(preset=preset, **bench_in_process(bundle, _REPEATS.value),
                        socket=bench_socket(bundle, _REPEATS.value, directory),
-                       clients=bench_throughput(bundle, _REQUESTS.value, directory)))
+                       clients=bench_throughput(bundle, _REQUESTS.value, _ROUNDS.value,
+                                                directory)))
   print(f"\nPolicy inference on {jax.devices()[0].platform} ({os.cpu_count()} cores), fp32, "
         "batch 1 (one 480x640 frame, 7-dim state, 12-word instruction), median of "
         f"{_REPEATS.value} runs after a warm-up; 1-minute load average {load_before:.2f} before "
@@ -265,9 +277,10 @@ def main(argv):
           f"{s['round_trip'] - served:.2f} |")
 
 
-  print(f"\nSeveral clients (scripts/serve.py, openpi-client threads, each sending "
-        f"{_REQUESTS.value} requests back to back; max batch 1 = one request at a time, 8 = "
-        "requests of several clients batched, window 2 ms)\n")
+  print(f"\nSeveral clients (scripts/serve.py, openpi-client threads in this process, each "
+        f"sending {_REQUESTS.value} requests of a 224x224 frame back to back; max batch 1 = one "
+        "request at a time, 8 = requests of several clients batched, window 2 ms; medians of "
+        f"{_ROUNDS.value} rounds alternating between the two servers)\n")
   print("| preset | max batch | clients | requests/s | p50 (ms) | p90 (ms) | p99 (ms) | "
         "server queue (ms) | server model (ms) | mean batch |")
   print("|---|---|---|---|---|---|---|---|---|---|")
