@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from twinbrain_jax.serving.policy import ObservationError, check_camera
+from twinbrain_jax.serving.policy import ObservationError, check_camera, state_array
 
 KeyPath = tuple[str, ...]  # ("images", "cam_high") is observation["images"]["cam_high"].
 PASSTHROUGH_KEYS = ("dataset", "seed", "new_episode")
@@ -140,13 +140,7 @@ def _lookup(observation: Mapping[str, Any], path: KeyPath, fmt: ObservationForma
 
 def _state_part(value: Any, where: str) -> np.ndarray:
   """A number or a 1-d array/list of numbers -> float64 [n]; `where` names it in errors."""
-  if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes, Mapping)):
-    raise ObservationError(f"{where} is a {type(value).__name__}; send numbers.")
-  try:
-    array = np.asarray(value)
-  except ValueError:  # A ragged nested list.
-    raise ObservationError(f"{where} is a ragged nested list; send a flat list or "
-                           "array of numbers.") from None
+  array = state_array(value, where)
   if array.dtype.kind not in "fiu":
     raise ObservationError(f"{where} holds {array.dtype} values; send numbers.")
   if array.ndim > 1:

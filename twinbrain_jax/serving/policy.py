@@ -95,17 +95,18 @@ def _shape_of(value: Any) -> str:
   return f"shape {value.shape}" if isinstance(value, np.ndarray) else "an empty list"
 
 
-def _state_array(state: Any) -> np.ndarray:
-  """`observation["state"]` as an array: a numpy array, or a flat list of numbers."""
-  if isinstance(state, (list, tuple)):
+def state_array(state: Any, where: str = "observation['state']") -> np.ndarray:
+  """A state (part) as an array: a numpy array or scalar, a number, or a list of numbers;
+  `where` names it in errors."""
+  if isinstance(state, (list, tuple, int, float, np.generic)) and not isinstance(
+      state, (bool, np.bool_)):
     try:
       state = np.asarray(state)
     except ValueError:  # A ragged nested list.
-      raise ObservationError("observation['state'] is a ragged nested list; send a flat list or "
-                             "array of numbers.") from None
+      raise ObservationError(f"{where} is a ragged nested list; send a flat list or array of "
+                             "numbers.") from None
   if not isinstance(state, np.ndarray):
-    raise ObservationError(f"observation['state'] is a {type(state).__name__}; send a numpy "
-                           "array.")
+    raise ObservationError(f"{where} is a {type(state).__name__}; send a numpy array.")
   return state
 
 
@@ -250,7 +251,7 @@ class Policy:
       raise ObservationError(f"observation['dataset']={dataset!r} is unknown to this policy; "
                              f"send one of {sorted(self.datasets)}.")
     spec = self.datasets[dataset]
-    state = _state_array(observation["state"])
+    state = state_array(observation["state"])
     if state.dtype.kind not in "fiu":
       raise ObservationError(f"observation['state'] has dtype {state.dtype}; send numbers "
                              f"(float [{spec.state_dim}]).")
