@@ -14,18 +14,17 @@ import os
 import re
 import sys
 
+from twinbrain_jax import cli  # Imports no JAX.
+
 # The fake device count must be set before JAX starts.
 _match = [re.match(r"--num_devices=(\d+)", a) for a in sys.argv]
-_count = next((m.group(1) for m in _match if m), "8")
+_count = int(next((m.group(1) for m in _match if m), "8"))
 if "JAX_PLATFORMS" not in os.environ or os.environ["JAX_PLATFORMS"] == "cpu":
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=", "--unused=") +
-      f" --xla_force_host_platform_device_count={_count}")
+  os.environ["XLA_FLAGS"] = cli.with_host_device_count(os.environ.get("XLA_FLAGS", ""), _count)
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from twinbrain_jax import cli  # noqa: E402
 from twinbrain_jax.training import memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/twinbrain.py:tiny", "Config file:preset.")

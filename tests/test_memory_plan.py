@@ -1,11 +1,18 @@
 """The memory plan's search for the largest batch that fits (with stand-in compiled plans)."""
 
 import dataclasses
+import os
+import pathlib
+import sys
 
 import ml_collections
 import pytest
 
+import processes
+from twinbrain_jax import cli
 from twinbrain_jax.training import memory
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
@@ -61,3 +68,18 @@ def test_compiled_plan_of_the_tiny_step():
   # FSDP over 8 devices: each device holds about an eighth of the trainable parameters.
   assert fast.params_bytes * 8 >= fast.trainable_params * 4
   assert fast.params_bytes * 8 < fast.trainable_params * 4 * 1.5
+
+
+def test_the_script_replaces_the_device_count_of_xla_flags(tmp_path):
+  """`make` exports XLA_FLAGS with a device count: the script's own count replaces it, and the
+  other flags stay."""
+  assert cli.with_host_device_count(
+      "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=false", 4) == (
+          "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=4")
+  assert cli.with_host_device_count("", 2) == "--xla_force_host_platform_device_count=2"
+  result = processes.run(
+      [sys.executable, "scripts/memory_plan.py", "--num_devices=4", "--compile=false",
+       "--config=configs/twinbrain.py:tiny", "--config.mesh.data=4"], tmp_path,
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| tiny | {'data': 4, 'fsdp': 1, 'tensor': 1} |" in result.stdout, result.stdout[-2000:]

@@ -47,6 +47,13 @@ def _parse_flags_or_exit(argv: list[str]) -> list[str]:
              f"{'. ' + hint.group(0).rstrip(chr(39)) if hint else ''}")
 
 
+def with_host_device_count(xla_flags: str, count: int) -> str:
+  """`xla_flags` with its fake CPU device count (if any) replaced by `count` (XLA aborts on an
+  unknown flag, so the old one is removed, not renamed)."""
+  kept = re.sub(r"(^|\s)--xla_force_host_platform_device_count=\S*", " ", xla_flags).split()
+  return " ".join([*kept, f"--xla_force_host_platform_device_count={count}"])
+
+
 def use_compilation_cache(cache_dir: str) -> None:
   """Points JAX's persistent compilation cache at `cache_dir` (created on first write); '' turns
   the cache off, also where `$JAX_COMPILATION_CACHE_DIR` would turn it on.
