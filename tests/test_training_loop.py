@@ -185,6 +185,18 @@ def test_batch_not_divisible_by_the_data_parallel_size(data_config, tmp_path):
     loop.train(config, str(tmp_path))
 
 
+def test_data_narrower_than_the_model_is_a_config_error(data_config, tmp_path):
+  config = data_config.copy_and_resolve_references()
+  config.data.action_dim = 0  # The widest dataset's: 7 (bridge, fractal).
+  config.model.action_expert.action_dim = 9
+  with pytest.raises(ConfigError, match=r"actions have width 7 \(data.action_dim.*but "
+                                        r"model.action_expert.action_dim is 9; set "
+                                        r"--config.data.action_dim=9"):
+    loop.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+      (tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_unknown_preset_is_a_one_line_error():
   done = processes.run([sys.executable, "scripts/train.py", "--config=configs/twinbrain.py:huge",
                         "--workdir=/tmp/unused"], cwd=REPO,

@@ -156,6 +156,23 @@ def _eval_pipeline(config: ml_collections.ConfigDict, train_pipeline: DataPipeli
   return pipeline
 
 
+def _check_widths(pipeline: DataPipeline, model_config: Any) -> None:
+  """The data's state and action widths must be the model's: the pipeline zero-pads every
+  dataset to `data.state_dim` / `data.action_dim` (default: the widest dataset's)."""
+  model_action_dim = (model_config.action_dim if isinstance(model_config, libra.LibraConfig)
+                      else model_config.action_expert.action_dim)
+  for name, data_width, model_width, model_field in (
+      ("state", pipeline.state_dim, model_config.state_dim, "model.state_dim"),
+      ("action", pipeline.action_dim, model_action_dim,
+       "model.action_dim" if isinstance(model_config, libra.LibraConfig)
+       else "model.action_expert.action_dim")):
+    if data_width != model_width:
+      raise ConfigError(
+          f"The data's {name}s have width {data_width} (data.{name}_dim, default the widest "
+          f"dataset's) but {model_field} is {model_width}; set --config.data.{name}_dim="
+          f"{model_width} (zero-pads narrower datasets) or --config.{model_field}={data_width}.")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest whole checkpoint.
@@ -207,6 +224,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     return _preempted_in_startup(checkpoint_dir)
 
   pipeline = DataPipeline(config.data)
+  _check_widths(pipeline, inputs.config)
   data_iter = pipeline.iterator()
   eval_pipeline = _eval_pipeline(config, pipeline)
   norm_stats = {name: stats.to_json() for name, stats in pipeline.norm_stats.items()}
