@@ -122,8 +122,10 @@ class PolicyServer:
 
   # --- The device thread ---------------------------------------------------------------------
 
-  def _bad_request(self, request: _Request, error: Exception) -> str:
-    logging.warning("client %s: bad request: %s", request.peer, error)
+  @staticmethod
+  def _bad_request(peer: str, error: Exception) -> str:
+    """Logs a bad request with its client; the reply names the problem."""
+    logging.warning("client %s: bad request: %s", peer, error)
     return f"Bad request: {error}"
 
   @staticmethod
@@ -150,7 +152,7 @@ class PolicyServer:
       result = self.policy.infer_batch([r.observation for r in group])
     except ObservationError as e:
       if len(group) == 1:
-        replies[group[0].index] = self._bad_request(requests[group[0].index], e)
+        replies[group[0].index] = self._bad_request(requests[group[0].index].peer, e)
         return
       for ready in group:  # Find which request it was (a prompt too long for the model).
         self._infer_group(requests, [ready], started, replies)
@@ -178,7 +180,7 @@ class PolicyServer:
       try:
         ready = self._prepare(index, request)
       except (wire.WireError, ObservationError) as e:
-        replies[index] = self._bad_request(request, e)
+        replies[index] = self._bad_request(request.peer, e)
       except Exception:  # pylint: disable=broad-except
         replies[index] = self._internal_error([request.peer])
       else:
@@ -238,8 +240,7 @@ class PolicyServer:
     try:
       self._check_frame(message)
     except wire.WireError as e:
-      logging.warning("client %s: bad request: %s", peer, e)
-      return f"Bad request: {e}"
+      return self._bad_request(peer, e)
     request = _Request(message, peer, received, prev_total_ms,
                        asyncio.get_running_loop().create_future())
     await self._queue.put(request)

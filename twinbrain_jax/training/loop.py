@@ -159,13 +159,14 @@ def _eval_pipeline(config: ml_collections.ConfigDict, train_pipeline: DataPipeli
 def _check_widths(pipeline: DataPipeline, model_config: Any) -> None:
   """The data's state and action widths must be the model's: the pipeline zero-pads every
   dataset to `data.state_dim` / `data.action_dim` (default: the widest dataset's)."""
-  model_action_dim = (model_config.action_dim if isinstance(model_config, libra.LibraConfig)
-                      else model_config.action_expert.action_dim)
+  if isinstance(model_config, libra.LibraConfig):
+    action_field, model_action_dim = "model.action_dim", model_config.action_dim
+  else:
+    action_field = "model.action_expert.action_dim"
+    model_action_dim = model_config.action_expert.action_dim
   for name, data_width, model_width, model_field in (
       ("state", pipeline.state_dim, model_config.state_dim, "model.state_dim"),
-      ("action", pipeline.action_dim, model_action_dim,
-       "model.action_dim" if isinstance(model_config, libra.LibraConfig)
-       else "model.action_expert.action_dim")):
+      ("action", pipeline.action_dim, model_action_dim, action_field)):
     if data_width != model_width:
       raise ConfigError(
           f"The data's {name}s have width {data_width} (data.{name}_dim, default the widest "
