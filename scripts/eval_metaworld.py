@@ -11,8 +11,15 @@ policies) or `random`; --server=host:port drives a policy server through openpi-
 metadata) unless --replan_steps / --ensemble / --horizon override it. Writes
 `<output_dir>/<label>.json`, `<label>_success.png` and GIFs of the first --num_videos episodes of
 each task under `<label>_videos/`; prints a table with 95 % Wilson intervals.
+
+--num_envs=N runs N environments at once, each in a worker process, and asks the policy for one
+batch per control step (`Policy.infer_batch` in process; N connections to a server, whose
+batching serves them together). Every episode keeps its seed and noise seeds, so the outcomes are
+the sequential run's. If a worker fails, the run stops naming the task and seed, and the finished
+episodes are written to `<label>_incomplete.json`.
 """
 
+import concurrent.futures
 import json
 import os
 import sys
@@ -52,6 +59,8 @@ _LABEL = flags.DEFINE_string("label", None, "Name in the results; default the po
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the JSON, plot and videos go.",
                                   required=True)
 _NUM_VIDEOS = flags.DEFINE_integer("num_videos", 1, "Episodes recorded per task (every frame).")
+_NUM_ENVS = flags.DEFINE_integer("num_envs", 1, "Environments run at once in worker processes; "
+                                 "the policy gets one batch of requests per control step.")
 _PLOT_WITH = flags.DEFINE_list("plot_with", [], "Earlier result JSONs drawn next to this one.")
 
 
@@ -65,6 +74,15 @@ def _execution(served: dict | None) -> ExecutionConfig:
   return ExecutionConfig(**fields)
 
 
+def _server_clients(address: str, count: int):
+  """`count` openpi-client connections to host:port (one per environment)."""
+  from openpi_client.websocket_client_policy import WebsocketClientPolicy  # pylint: disable=g-import-not-at-top
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    sys.exit(f"error: --server={address!r}; give host:port, e.g. 127.0.0.1:8000.")
+  return [WebsocketClientPolicy(host=host, port=int(port)) for _ in range(count)]
+
+
 def _agent():
   """(agent, image size, label, a callable that releases it)."""
   if (_POLICY.value is None) == (_SERVER.value is None):
@@ -72,32 +90,49 @@ def _agent():
   if _POLICY.value in ("expert", "random"):
     agent = evaluation.ExpertAgent() if _POLICY.value == "expert" else evaluation.RandomAgent()
     return agent, _IMAGE_SIZE.value or mw.DEFAULT_IMAGE_SIZE, lambda: None
+  num_envs = _NUM_ENVS.value
   if _SERVER.value is not None:
-    from openpi_client.websocket_client_policy import WebsocketClientPolicy  # pylint: disable=g-import-not-at-top
-    host, _, port = _SERVER.value.rpartition(":")
-    if not host or not port.isdigit():
-      sys.exit(f"error: --server={_SERVER.value!r}; give host:port, e.g. 127.0.0.1:8000.")
-    client = WebsocketClientPolicy(host=host, port=int(port))
-    metadata = client.get_server_metadata()
+    clients = _server_clients(_SERVER.value, num_envs)
+    metadata = clients[0].get_server_metadata()
+    if num_envs > 1 and "libra" in metadata:
+      _close_all(clients)
+      sys.exit(f"error: the server at {_SERVER.value} serves a Libra policy, whose intent "
+               "buffer follows one episode at a time; evaluate it with --num_envs=1.")
+    threads = concurrent.futures.ThreadPoolExecutor(num_envs)
+
+    def infer_batch(observations):  # One request per connection, all in flight together.
+      replies = threads.map(lambda pair: pair[0].infer(pair[1]), zip(clients, observations))
+      return [reply["actions"] for reply in replies]
+
     drop = _INSTRUCTIONS.value == "blank"
-    agent = evaluation.ChunkAgent(client.infer, _execution(metadata.get("execution")),
-                                  name=f"server {_SERVER.value}", drop_instruction=drop)
+    agent = evaluation.ChunkAgent(clients[0].infer, _execution(metadata.get("execution")),
+                                  name=f"server {_SERVER.value}", drop_instruction=drop,
+                                  infer_batch=infer_batch)
     size = _IMAGE_SIZE.value or tuple(metadata.get("image_size") or mw.DEFAULT_IMAGE_SIZE)
-    return agent, size, client._ws.close  # pylint: disable=protected-access
-  from twinbrain_jax.serving.policy import Policy  # pylint: disable=g-import-not-at-top
+    return agent, size, lambda: (threads.shutdown(), _close_all(clients))
+  from twinbrain_jax.serving.policy import Policy, batch_bucket  # pylint: disable=g-import-not-at-top
   try:
     libra = {} if _LIBRA_MODE.value is None else dict(mode=_LIBRA_MODE.value)
     policy = Policy.load(_POLICY.value, step=_STEP.value, tokenizer_dir=_TOKENIZER.value,
-                         **libra)
+                         max_batch_size=max(8, batch_bucket(num_envs)), **libra)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
+  if num_envs > 1 and "libra" in policy.metadata():
+    sys.exit(f"error: {_POLICY.value} is a Libra policy, whose intent buffer follows one episode "
+             "at a time; evaluate it with --num_envs=1.")
   data = policy.bundle.config.data
   drop = (bool(data.get("drop_instruction", False)) if _INSTRUCTIONS.value == "auto"
           else _INSTRUCTIONS.value == "blank")
   agent = evaluation.ChunkAgent(policy.infer, _execution(policy.metadata()["execution"]),
                                 name=os.path.basename(os.path.normpath(_POLICY.value)),
-                                drop_instruction=drop)
+                                drop_instruction=drop,
+                                infer_batch=lambda obs: policy.infer_batch(obs)["actions"])
   return agent, _IMAGE_SIZE.value or tuple(data.image_size), lambda: None
+
+
+def _close_all(clients) -> None:
+  for client in clients:
+    client._ws.close()  # pylint: disable=protected-access
 
 
 def main(argv):
@@ -110,6 +145,10 @@ def main(argv):
     mw.eval_seeds(_EPISODES.value, _SEED_OFFSET.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
+  total = len(tasks) * _EPISODES.value
+  if not 1 <= _NUM_ENVS.value <= total:
+    sys.exit(f"error: --num_envs={_NUM_ENVS.value}: give 1 to {total}, the number of episodes "
+             f"({len(tasks)} tasks x --episodes={_EPISODES.value}).")
   agent, image_size, close = _agent()
   label = _LABEL.value or agent.name
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
@@ -129,7 +168,14 @@ def main(argv):
   try:
     result = evaluation.evaluate(agent, tasks, _EPISODES.value, seed_offset=_SEED_OFFSET.value,
                                  image_size=image_size, max_steps=_MAX_STEPS.value,
-                                 num_videos=_NUM_VIDEOS.value, on_episode=on_episode)
+                                 num_videos=_NUM_VIDEOS.value, num_envs=_NUM_ENVS.value,
+                                 on_episode=on_episode)
+  except evaluation.EvaluationStopped as e:
+    bar.close()
+    with open(f"{stem}_incomplete.json", "w") as f:
+      json.dump(dict(e.partial, policy=label), f, indent=1)
+    done = sum(r["episodes"] for r in e.partial["tasks"].values())
+    sys.exit(f"error: {e}\nThe {done} finished episodes are in {stem}_incomplete.json.")
   finally:
     bar.close()
     close()

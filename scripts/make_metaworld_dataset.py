@@ -33,6 +33,8 @@ _NOISE = flags.DEFINE_float("action_noise", 0.0, "Std of Gaussian noise on execu
 _SEED_OFFSET = flags.DEFINE_integer("seed_offset", 0, "First data seed (< "
                                     f"{mw.EVAL_SEED_START}, where evaluation seeds start).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Episode limit (default Meta-World's 500).")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Tasks generated at once in worker "
+                                    "processes (0: in this process); same dataset either way.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset.")
 _FORMAT = flags.DEFINE_enum("format", "rlds", list(mwd.FORMATS),
                             "rlds (TFDS ArrayRecord) or lerobot (LeRobot v3.0, PNG frames).")
@@ -72,7 +74,7 @@ def main(argv):
         _DATA_DIR.value, _TASKS.value, episodes_per_task=_EPISODES.value,
         image_size=_IMAGE_SIZE.value, action_noise=_NOISE.value, seed_offset=_SEED_OFFSET.value,
         max_steps=_MAX_STEPS.value, overwrite=_OVERWRITE.value, progress=progress,
-        data_format=_FORMAT.value)
+        data_format=_FORMAT.value, num_workers=_NUM_WORKERS.value)
   except (mw.UnknownTaskError, FileExistsError, ValueError) as e:
     sys.exit(f"error: {e}")
   tasks = report.tasks

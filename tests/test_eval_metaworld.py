@@ -136,6 +136,105 @@ def test_expert_beats_random_on_the_evaluation_seeds():
   assert random["groups"]["all"]["successes"] == 0
 
 
+class _SeededPolicy:
+  """A chunk policy whose chunk is drawn from the request's noise seed alone (as a real policy's
+  noise is); records the size of every batch it is asked for."""
+
+  def __init__(self):
+    self.batch_sizes = []
+
+  def __call__(self, observation):
+    rng = np.random.default_rng(observation["seed"])
+    return {"actions": rng.uniform(-1.0, 1.0, (8, 4)).astype(np.float32)}
+
+  def batch(self, observations):
+    self.batch_sizes.append(len(observations))
+    return [self(o)["actions"] for o in observations]
+
+
+def _per_episode(result):
+  return {task: (r["seeds"], r["success_per_episode"], r["steps_per_episode"],
+                 r["final_state_per_episode"]) for task, r in result["tasks"].items()}
+
+
+def test_parallel_evaluation_gives_the_sequential_episodes():
+  tasks = ["reach-v3", "drawer-close-v3"]
+  for make_agent, max_steps in [(evaluation.ExpertAgent, 150), (evaluation.RandomAgent, 40)]:
+    sequential = evaluation.evaluate(make_agent(), tasks, 3, image_size=32, max_steps=max_steps)
+    parallel = evaluation.evaluate(make_agent(), tasks, 3, image_size=32, max_steps=max_steps,
+                                   num_envs=4)
+    assert _per_episode(parallel) == _per_episode(sequential)  # Bit for bit: same floats.
+    assert parallel["groups"] == sequential["groups"]
+    assert parallel["settings"]["num_envs"] == 4 and parallel["frames_rendered"] == 0
+  assert sum(sequential["tasks"][t]["successes"] for t in tasks) == 0  # Random: the limit.
+  policy = _SeededPolicy()
+  agent = evaluation.ChunkAgent(policy, ExecutionConfig(replan_steps=4, ensemble="none",
+                                                        horizon=8), infer_batch=policy.batch)
+  recorded = []
+  sequential = evaluation.evaluate(agent, tasks, 3, image_size=32, max_steps=30, num_videos=1)
+  parallel = evaluation.evaluate(agent, tasks, 3, image_size=32, max_steps=30, num_videos=1,
+                                 num_envs=3, on_episode=recorded.append)
+  assert _per_episode(parallel) == _per_episode(sequential)
+  # Frames: every one of the recorded episodes, else one per chunk request (steps 0, 4, ... 28).
+  assert parallel["frames_rendered"] == sequential["frames_rendered"] == 2 * 31 + 4 * 8
+  assert max(policy.batch_sizes) == 3  # One batch per control step across the environments.
+  videos = {(e.task, e.seed): e.frames for e in recorded if e.frames is not None}
+  assert set(videos) == {(t, mw.EVAL_SEED_START) for t in tasks}
+  assert all(frames.shape == (31, 32, 32, 3) for frames in videos.values())
+  with pytest.raises(ValueError, match="num_envs=7: give 1 to 6"):
+    evaluation.evaluate(agent, tasks, 3, num_envs=7)
+
+
+def test_parallel_evaluation_stops_on_a_dead_worker_and_keeps_the_finished_episodes():
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  finished = []
+
+  def kill_a_worker(episode):
+    finished.append(episode)
+    if len(finished) == 1:  # Kill a worker in the middle of an episode.
+      os.kill(multiprocessing.active_children()[-1].pid, 9)
+
+  with pytest.raises(evaluation.EvaluationStopped) as stopped:
+    evaluation.evaluate(evaluation.RandomAgent(), ["reach-v3"], 4, image_size=32,
+                        max_steps=400, num_envs=2, on_episode=kill_a_worker)
+  message = str(stopped.value)
+  assert re.search(r"running reach-v3 from seed 100000\d, died \(exit code -9", message), message
+  partial = stopped.value.partial
+  assert partial["incomplete"] and partial["tasks"]["reach-v3"]["episodes"] == len(finished) >= 1
+  assert partial["tasks"]["reach-v3"]["seeds"] == sorted(e.seed for e in finished)
+  assert not multiprocessing.active_children()
+
+
+def test_eval_script_names_a_crashed_worker_and_writes_the_finished_episodes(tmp_path):
+  args = [sys.executable, "scripts/eval_metaworld.py", "--policy=random", "--tasks=reach,push",
+          "--episodes=3", "--max_steps=400", "--num_envs=2", "--image_size=32",
+          f"--output_dir={tmp_path}"]
+  too_many = processes.run([*args[:-2], "--num_envs=7", f"--output_dir={tmp_path}"],
+                           tmp_path / "too_many", HANG_S, cwd=REPO)
+  assert too_many.returncode != 0
+  assert "--num_envs=7: give 1 to 6, the number of episodes" in too_many.stderr
+  with processes.started(args, tmp_path / "crash", cwd=REPO) as run:
+    workers = []
+
+    def workers_started():  # The environment workers (not multiprocessing's resource tracker).
+      children = pathlib.Path(f"/proc/{run.proc.pid}/task/{run.proc.pid}/children")
+      pids = children.read_text().split() if children.exists() else []
+      workers[:] = [int(p) for p in pids if "resource_tracker" not in
+                    pathlib.Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+      return len(workers) == 2
+
+    run.wait_for(workers_started, "two environment workers", HANG_S)
+    os.kill(workers[0], 9)
+    code = run.wait(HANG_S)
+  assert code != 0
+  assert re.search(r"running (reach|push)-v3 from seed 100000\d, died", run.stderr), run.stderr
+  assert "finished episodes are in" in run.stderr and "wrote" not in run.stdout
+  with open(tmp_path / "random_incomplete.json") as f:
+    partial = json.load(f)
+  assert partial["incomplete"] and partial["policy"] == "random"
+  assert not (tmp_path / "random.json").exists()
+
+
 @pytest.fixture(scope="module")
 def mw_run(tmp_path_factory):
   """A 3-episode `reach-v3` dataset and a `metaworld_tiny` run of a few steps on it."""
@@ -169,15 +268,17 @@ def test_blind_preset_drops_the_instruction_in_training(mw_run):
 
 def test_served_policy_runs_closed_loop_and_matches_in_process(mw_run, tmp_path):
   _, checkpoints = mw_run
-  serve = [sys.executable, "scripts/serve.py", "--host=127.0.0.1", "--port=0", "--max_batch=1",
+  serve = [sys.executable, "scripts/serve.py", "--host=127.0.0.1", "--port=0", "--max_batch=2",
            f"--checkpoint={checkpoints}"]
-  evaluate = [sys.executable, "scripts/eval_metaworld.py", f"--tasks={TASK}", "--episodes=1",
+  evaluate = [sys.executable, "scripts/eval_metaworld.py", f"--tasks={TASK}", "--episodes=2",
               f"--max_steps={MAX_STEPS}", "--num_videos=1", "--replan_steps=4",
               "--ensemble=temporal", "--horizon=8"]
   with processes.started(serve, tmp_path / "server", cwd=REPO) as server:
     server.wait_for(lambda: "serving on ws://" in server.stdout, "the server listening", HANG_S)
     port = int(re.search(r"serving on ws://127\.0\.0\.1:(\d+)", server.stdout).group(1))
+    # Two environments in worker processes, two connections served as one batch.
     served = processes.run([*evaluate, f"--server=127.0.0.1:{port}", "--label=served",
+                            "--num_envs=2",
                             f"--output_dir={tmp_path}"], tmp_path / "eval_served", HANG_S,
                            cwd=REPO)
     server_log = server.stderr
@@ -196,21 +297,26 @@ def test_served_policy_runs_closed_loop_and_matches_in_process(mw_run, tmp_path)
       results[label] = json.load(f)
     result = results[label]
     task = result["tasks"][TASK]
-    assert task["episodes"] == 1 and task["seeds"] == [mw.EVAL_SEED_START]
-    assert task["successes"] + (task["steps_per_episode"] == [MAX_STEPS]) == 1  # Ran to an end.
-    assert set(result["groups"]) == {"all"} and result["groups"]["all"]["episodes"] == 1
+    assert task["episodes"] == 2 and task["seeds"] == list(mw.eval_seeds(2))
+    for success, steps in zip(task["success_per_episode"], task["steps_per_episode"]):
+      assert success or steps == MAX_STEPS  # Ran to an end.
+    assert set(result["groups"]) == {"all"} and result["groups"]["all"]["episodes"] == 2
     assert result["settings"]["execution"] == dict(
         replan_steps=4, ensemble="temporal", horizon=8, temporal_k=0.01, adaptive_alpha=0.1)
-    # The recorded episode renders every frame (reset included).
-    assert result["frames_rendered"] == task["steps_per_episode"][0] + 1
+    # The recorded episode renders every frame (reset included), the other one per request
+    # (steps 0, 4, ...: the last one too, when the limit falls on a replanning step).
+    steps = task["steps_per_episode"]
+    assert result["frames_rendered"] == steps[0] + 1 + len(range(0, steps[1] + 1, 4))
     assert (tmp_path / f"{label}_success.png").stat().st_size > 0
     assert (tmp_path / f"{label}_videos" / f"{TASK}_seed{mw.EVAL_SEED_START}.gif").exists()
     assert "[all]" in (served if label == "served" else in_process).stdout
-  # The same seeds through the socket and in this process: the same episode.
+  # The same seeds through the socket in parallel and in this process one by one: the same
+  # episodes (a batch of 2 rounds differently from a batch of 1 in the last bits: atol 1e-4).
   served_task, local_task = results["served"]["tasks"][TASK], results["in_process"]["tasks"][TASK]
   assert served_task["steps_per_episode"] == local_task["steps_per_episode"]
+  assert served_task["success_per_episode"] == local_task["success_per_episode"]
   np.testing.assert_allclose(served_task["final_state_per_episode"],
-                             local_task["final_state_per_episode"], atol=1e-5)
+                             local_task["final_state_per_episode"], atol=1e-4)
   with mw.make_env(TASK, 32) as env:
     start = env.reset(mw.EVAL_SEED_START, render=False).state
   assert not np.allclose(served_task["final_state_per_episode"][0], start, atol=1e-3)  # It moved.

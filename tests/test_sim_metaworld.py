@@ -199,6 +199,24 @@ def test_dataset_reads_back_exactly_what_the_expert_did(dataset):
   assert flags[0] == (True, False, False) and flags[-1] == (False, True, True)
 
 
+def test_worker_processes_write_the_same_dataset(dataset, tmp_path):
+  data_dir, _, expected = dataset
+  tasks = [TASK, "button-press-v3"]
+  report = mwd.write_dataset(str(tmp_path), tasks, episodes_per_task=len(SEEDS), image_size=SIZE,
+                             num_workers=2)
+  assert [t.task for t in report.tasks] == tasks and [t.kept for t in report.tasks] == [len(SEEDS)] * 2
+  spec = oxe_registry.get_spec(mwd.NAME)
+  parallel = rlds.RldsDataset(rlds.resolve_dataset_dir(str(tmp_path), mwd.NAME), spec)
+  assert [parallel.episode(i).episode_id for i in range(len(parallel))] == [
+      f"{task}/seed_{seed}" for task in tasks for seed in SEEDS]  # Task order, seed order.
+  for index, (rollout, actions) in enumerate(expected):  # The first task's: as in one process.
+    episode = parallel.episode(index)
+    np.testing.assert_array_equal(episode.lowdim()["action"], actions)
+    np.testing.assert_array_equal(episode.image(len(rollout) - 1, "image"), rollout.images[-1])
+  with pytest.raises(ValueError, match="num_workers"):
+    mwd.write_dataset(str(tmp_path / "bad"), TASK, num_workers=-1)
+
+
 def test_pipeline_samples_equal_the_recorded_steps(dataset):
   data_dir, _, expected = dataset
   config = small_config(data_dir, datasets=(mwd.NAME,), weights=(1.0,), image_size=SIZE,

@@ -18,6 +18,7 @@ task and per task group.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from twinbrain_jax.serving.execution import ChunkExecutor, ExecutionConfig
+from twinbrain_jax.sim import env_pool
 from twinbrain_jax.sim import metaworld as mw
 
 MAX_NOISE_SEED = 2**32
@@ -36,6 +38,9 @@ MAX_NOISE_SEED = 2**32
 class Agent(Protocol):
   """What `run_episode` drives (one episode at a time)."""
   name: str
+
+  def clone(self) -> Agent:
+    """A fresh agent of the same policy, for another environment of a parallel evaluation."""
 
   def reset(self, task: str, instruction: str, seed: int) -> None:
     """A new episode of `task` from `seed`."""
@@ -57,6 +62,9 @@ class ExpertAgent:
     self._policies: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     self._policy = None
 
+  def clone(self) -> ExpertAgent:
+    return ExpertAgent()
+
   def reset(self, task: str, instruction: str, seed: int) -> None:
     del instruction, seed
     if task not in self._policies:
@@ -75,6 +83,9 @@ class RandomAgent:
   def __init__(self):
     self._rng = np.random.default_rng(0)
 
+  def clone(self) -> RandomAgent:
+    return RandomAgent()
+
   def reset(self, task: str, instruction: str, seed: int) -> None:
     del task, instruction
     self._rng = np.random.default_rng(seed)
@@ -92,17 +103,27 @@ class ChunkAgent:
   seed and the step, so an evaluation is reproducible against the same policy; the first request
   of an episode carries `new_episode=True` (a stateful policy, e.g. Libra's intent buffer,
   starts over; stateless policies ignore it).
+
+  `infer_batch(observations) -> [actions [T, 4], ...]` (default: `infer` on each) is what a
+  parallel evaluation calls with the requests of all its environments at one control step
+  (`chunk_request` / `add_chunk`); `act` calls `infer` itself.
   """
 
   def __init__(self, infer: Callable[[dict[str, Any]], Mapping[str, Any]],
                execution: ExecutionConfig, *, name: str = "policy",
-               drop_instruction: bool = False):
+               drop_instruction: bool = False,
+               infer_batch: Callable[[Sequence[dict[str, Any]]], Sequence[Any]] | None = None):
     self.name, self.execution, self.drop_instruction = name, execution, drop_instruction
     self._infer = infer
+    self._infer_batch = infer_batch
     self._executor = ChunkExecutor(execution)
     self._instruction, self._seed = "", 0
     self._new_episode = True
     self.requests = 0
+
+  def clone(self) -> ChunkAgent:
+    return ChunkAgent(self._infer, self.execution, name=self.name,
+                      drop_instruction=self.drop_instruction, infer_batch=self._infer_batch)
 
   def reset(self, task: str, instruction: str, seed: int) -> None:
     del task
@@ -115,19 +136,36 @@ class ChunkAgent:
   def wants_image(self) -> bool:
     return self._executor.needs_chunk
 
+  def chunk_request(self, time_step: mw.TimeStep) -> dict[str, Any] | None:
+    """The observation to send when the next action needs a new chunk, else None."""
+    if not self._executor.needs_chunk:
+      return None
+    observation = dict(time_step.observation(), instruction=self._instruction,
+                       seed=(self._seed * 1009 + time_step.step) % MAX_NOISE_SEED,
+                       new_episode=self._new_episode)
+    self._new_episode = False
+    return observation
+
+  def add_chunk(self, actions: Any) -> None:
+    """Hands the policy's answer to `chunk_request` to the executor."""
+    actions = np.asarray(actions, np.float32)
+    if actions.ndim != 2 or actions.shape[1] != mw.ACTION_DIM:
+      raise ValueError(f"The policy returned actions of shape {actions.shape}; Meta-World needs "
+                       f"chunks [T, {mw.ACTION_DIM}]: serve a policy trained on the `metaworld` "
+                       "dataset (configs/twinbrain.py:metaworld_tiny).")
+    self._executor.add_chunk(actions)
+    self.requests += 1
+
+  def infer_many(self, observations: Sequence[dict[str, Any]]) -> list[Any]:
+    """The action chunks of several requests (one batch when `infer_batch` was given)."""
+    if self._infer_batch is not None:
+      return list(self._infer_batch(observations))
+    return [self._infer(observation)["actions"] for observation in observations]
+
   def act(self, time_step: mw.TimeStep) -> np.ndarray:
-    if self._executor.needs_chunk:
-      observation = dict(time_step.observation(), instruction=self._instruction,
-                         seed=(self._seed * 1009 + time_step.step) % MAX_NOISE_SEED,
-                         new_episode=self._new_episode)
-      self._new_episode = False
-      actions = np.asarray(self._infer(observation)["actions"], np.float32)
-      if actions.ndim != 2 or actions.shape[1] != mw.ACTION_DIM:
-        raise ValueError(f"The policy returned actions of shape {actions.shape}; Meta-World needs "
-                         f"chunks [T, {mw.ACTION_DIM}]: serve a policy trained on the `metaworld` "
-                         "dataset (configs/twinbrain.py:metaworld_tiny).")
-      self._executor.add_chunk(actions)
-      self.requests += 1
+    request = self.chunk_request(time_step)
+    if request is not None:
+      self.add_chunk(self._infer(request)["actions"])
     return self._executor.next_action()
 
 
@@ -198,49 +236,165 @@ def groups_of(tasks: Sequence[str]) -> dict[str, tuple[str, ...]]:
   return groups
 
 
+class EvaluationStopped(RuntimeError):
+  """A parallel evaluation stopped on a worker's failure; `partial` holds the finished
+  episodes' result (`evaluate`'s structure, with `"incomplete": True`)."""
+
+  def __init__(self, message: str, partial: dict[str, Any]):
+    super().__init__(message)
+    self.partial = partial
+
+
 def evaluate(agent: Agent, tasks: Sequence[str], episodes: int, *, seed_offset: int = 0,
              image_size: int | Sequence[int] = mw.DEFAULT_IMAGE_SIZE,
-             max_steps: int | None = None, num_videos: int = 0,
+             max_steps: int | None = None, num_videos: int = 0, num_envs: int = 1,
              on_episode: Callable[[Episode], None] | None = None) -> dict[str, Any]:
   """Runs `episodes` episodes of every task on `mw.eval_seeds(episodes, seed_offset)`.
 
   Args:
     num_videos: the first `num_videos` episodes of each task are recorded (every frame).
+    num_envs: environments run at once, each in a worker process (`sim.env_pool`), with one
+      agent each (`agent.clone()`); the chunk requests of all of them at a control step go to
+      the policy as one batch (`ChunkAgent.infer_many`). Every episode keeps its seed and its
+      noise seeds, so its outcome is the one a sequential run (`num_envs=1`) gives.
     on_episode: called after every episode (progress bars, video writers); recorded episodes
-      carry their frames.
+      carry their frames. In parallel, episodes finish out of order.
 
   Returns:
     JSON-able `{"policy", "tasks": {task: {successes, episodes, success_rate, ci95, mean_steps,
-    seeds, success_per_episode, steps_per_episode, final_state_per_episode}}, "groups": {group: {successes, episodes,
-    success_rate, ci95, tasks}}, "settings": {...}, "frames_rendered", "wall_s"}`.
+    seeds, success_per_episode, steps_per_episode, final_state_per_episode}}, "groups": {group:
+    {successes, episodes, success_rate, ci95, tasks}}, "settings": {...}, "frames_rendered",
+    "wall_s"}`.
+
+  Raises:
+    EvaluationStopped: a worker failed or died (the message names its task and seed; the
+      exception carries the finished episodes' result).
   """
   tasks = tuple(mw.resolve_tasks(tasks))
   seeds = mw.eval_seeds(episodes, seed_offset)
+  total = len(tasks) * len(seeds)
+  if not 1 <= num_envs <= total:
+    raise ValueError(f"num_envs={num_envs}: give 1 to {total}, the number of episodes "
+                     f"({len(tasks)} tasks x {len(seeds)}); more environments than episodes "
+                     "would sit idle.")
+  settings = dict(episodes_per_task=episodes, seed_offset=seed_offset,
+                  image_size=list(mw.image_hw(image_size)), max_steps=max_steps,
+                  num_envs=num_envs)
   start = time.perf_counter()
+  finished: dict[str, list[Episode]] = {task: [] for task in tasks}
+  limits: dict[str, int] = {}
+
+  def done(episode: Episode, limit: int) -> None:
+    finished[episode.task].append(episode)
+    limits[episode.task] = limit
+    if on_episode is not None:
+      on_episode(episode)
+
+  if num_envs == 1:
+    for task in tasks:
+      with mw.make_env(task, image_size, max_steps) as env:
+        for i, seed in enumerate(seeds):
+          done(run_episode(env, agent, seed, record=i < num_videos), env.max_steps)
+  else:
+    try:
+      _run_parallel(agent, tasks, seeds, image_size, max_steps, num_videos, num_envs, done)
+    except env_pool.WorkerError as e:
+      partial = _result(agent.name, finished, limits, settings, start)
+      raise EvaluationStopped(f"The evaluation stopped: {e}", dict(partial, incomplete=True,
+                                                                   error=str(e))) from e
+  return _result(agent.name, finished, limits, settings, start)
+
+
+@dataclasses.dataclass
+class _Running:
+  """An episode in progress in one worker of a parallel evaluation."""
+  task: str
+  seed: int
+  record: bool
+  time_step: mw.TimeStep | None = None
+  rendered: int = 0
+  frames: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+  def observe(self, time_step: mw.TimeStep) -> None:
+    self.time_step = time_step
+    self.rendered += int(time_step.image is not None)
+    if self.record:
+      self.frames.append(time_step.image)
+
+  @property
+  def over(self) -> bool:
+    return self.time_step.truncated or self.time_step.success
+
+  def episode(self) -> Episode:
+    ts = self.time_step
+    return Episode(task=self.task, seed=self.seed, success=bool(ts.success), steps=int(ts.step),
+                   rendered=self.rendered, final_state=ts.state,
+                   frames=np.stack(self.frames) if self.record else None)
+
+
+def _run_parallel(agent: Agent, tasks: Sequence[str], seeds: Sequence[int], image_size,
+                  max_steps: int | None, num_videos: int, num_envs: int,
+                  done: Callable[[Episode, int], None]) -> None:
+  """`evaluate`'s episodes on `num_envs` workers, stepped together: each control step receives
+  every worker's time step, sends the chunk requests as one batch, then every action."""
+  queue = collections.deque((task, i, seed) for task in tasks for i, seed in enumerate(seeds))
+  agents = [agent.clone() for _ in range(num_envs)]
+  running: list[_Running | None] = [None] * num_envs
+  with env_pool.EnvPool(num_envs, image_size, max_steps) as pool:
+
+    def start_next(worker: int) -> None:
+      task, i, seed = queue.popleft()
+      agents[worker].reset(task, mw.INSTRUCTIONS[task], seed)
+      running[worker] = _Running(task, int(seed), record=i < num_videos)
+      pool.send(worker, "reset", task, int(seed), i < num_videos or agents[worker].wants_image)
+
+    for worker in range(num_envs):
+      start_next(worker)
+    while any(r is not None for r in running):
+      live = []
+      for worker, episode in enumerate(running):
+        if episode is None:
+          continue
+        episode.observe(pool.receive(worker))
+        if episode.over:
+          done(episode.episode(), pool.max_steps[worker])
+          running[worker] = None
+          if queue:
+            start_next(worker)
+        else:
+          live.append(worker)
+      requests = [(w, agents[w].chunk_request(running[w].time_step))
+                  for w in live if getattr(agents[w], "chunk_request", None)]
+      requests = [(w, r) for w, r in requests if r is not None]
+      if requests:
+        chunks = agents[requests[0][0]].infer_many([r for _, r in requests])
+        for (w, _), chunk in zip(requests, chunks):
+          agents[w].add_chunk(chunk)
+      for w in live:
+        action = agents[w].act(running[w].time_step)
+        pool.send(w, "step", action, running[w].record or agents[w].wants_image)
+
+
+def _result(policy: str, finished: Mapping[str, Sequence[Episode]], limits: Mapping[str, int],
+            settings: dict[str, Any], start: float) -> dict[str, Any]:
+  """`evaluate`'s result of the finished episodes (each task's in seed order)."""
   per_task, rendered = {}, 0
-  for task in tasks:
-    outcomes = []
-    with mw.make_env(task, image_size, max_steps) as env:
-      for i, seed in enumerate(seeds):
-        episode = run_episode(env, agent, seed, record=i < num_videos)
-        rendered += episode.rendered
-        outcomes.append(episode)
-        if on_episode is not None:
-          on_episode(episode)
-      limit = env.max_steps
+  for task, outcomes in finished.items():
+    if not outcomes:
+      continue
+    outcomes = sorted(outcomes, key=lambda e: e.seed)
+    rendered += sum(e.rendered for e in outcomes)
     successes = [e.success for e in outcomes]
     per_task[task] = dict(
-        summarize(successes), seeds=list(seeds), success_per_episode=successes,
+        summarize(successes), seeds=[e.seed for e in outcomes], success_per_episode=successes,
         steps_per_episode=[e.steps for e in outcomes],
         final_state_per_episode=[[round(float(x), 6) for x in e.final_state] for e in outcomes],
-        mean_steps=float(np.mean([e.steps for e in outcomes])), max_steps=limit)
+        mean_steps=float(np.mean([e.steps for e in outcomes])), max_steps=limits[task])
   groups = {}
-  for name, members in groups_of(tasks).items():
+  for name, members in groups_of(tuple(per_task)).items():
     outcomes = [s for task in members for s in per_task[task]["success_per_episode"]]
     groups[name] = dict(summarize(outcomes), tasks=list(members))
-  return dict(policy=agent.name, tasks=per_task, groups=groups,
-              settings=dict(episodes_per_task=episodes, seed_offset=seed_offset,
-                            image_size=list(mw.image_hw(image_size)), max_steps=max_steps),
+  return dict(policy=policy, tasks=per_task, groups=groups, settings=settings,
               frames_rendered=rendered, wall_s=time.perf_counter() - start)
 
 

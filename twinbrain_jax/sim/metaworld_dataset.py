@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -215,30 +216,63 @@ def episode_example(episode: mw.Rollout, actions: np.ndarray, action_noise: floa
   return {"steps": steps, "episode_metadata": metadata}
 
 
+def _task_episodes(task: str, seeds: Sequence[int], image_size, max_steps,
+                   action_noise) -> tuple[TaskReport, list[tuple[str, dict]]]:
+  """One task's expert episodes on `seeds`: its report and the kept `(key, example)` pairs (a
+  worker's unit of work: the whole task, so each worker builds one env at a time)."""
+  report = TaskReport(task)
+  start = time.perf_counter()
+  kept = []
+  with mw.make_env(task, image_size, max_steps) as env:
+    expert = mw.expert_policy(task)
+    for seed in seeds:
+      result = expert_episode(env, seed, action_noise, expert)
+      report.attempted += 1
+      if result is None:
+        continue
+      episode, actions = result
+      kept.append((f"{task}/seed_{seed}", episode_example(episode, actions, action_noise)))
+      report.kept += 1
+      report.frames += len(episode)
+      report.seeds_kept.append(int(seed))
+  report.seconds = time.perf_counter() - start
+  return report, kept
+
+
+def _quiet_worker() -> None:
+  """A worker ignores the scripted policies' warnings about their own gains, as the script does
+  (the simulator clips actions)."""
+  warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
+
+
+def _task_episodes_star(args) -> tuple[TaskReport, list[tuple[str, dict]]]:
+  return _task_episodes(*args)
+
+
 def _examples(tasks: Sequence[str], seeds: Sequence[int], image_size, max_steps, action_noise,
-              reports: list[TaskReport], progress) -> Iterator[tuple[str, dict]]:
-  """Runs the experts task by task, filling `reports`, and yields the kept episodes."""
-  for task in tasks:
-    report = TaskReport(task)
-    reports.append(report)
-    start = time.perf_counter()
-    with mw.make_env(task, image_size, max_steps) as env:
-      expert = mw.expert_policy(task)
-      for seed in seeds:
-        result = expert_episode(env, seed, action_noise, expert)
-        report.attempted += 1
-        if result is None:
-          continue
-        episode, actions = result
-        example = episode_example(episode, actions, action_noise)
-        report.kept += 1
-        report.frames += len(episode)
-        report.seeds_kept.append(seed)
-        report.seconds = time.perf_counter() - start
-        yield f"{task}/seed_{seed}", example
-    report.seconds = time.perf_counter() - start
-    if progress is not None:
-      progress(report)
+              reports: list[TaskReport], progress,
+              num_workers: int = 0) -> Iterator[tuple[str, dict]]:
+  """Runs the experts task by task (`num_workers` > 0: that many tasks at once, in spawned
+  processes), filling `reports`, and yields the kept episodes in task order."""
+  jobs = [(task, tuple(seeds), image_size, max_steps, action_noise) for task in tasks]
+  if num_workers > 0:
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    # spawn: a forked child would inherit the parent's GL context and TFDS threads.
+    pool = multiprocessing.get_context("spawn").Pool(min(num_workers, len(jobs)),
+                                                     initializer=_quiet_worker)
+    results = pool.imap(_task_episodes_star, jobs)
+  else:
+    pool, results = None, map(_task_episodes_star, jobs)
+  try:
+    for report, kept in results:
+      reports.append(report)
+      yield from kept
+      if progress is not None:
+        progress(report)
+  finally:
+    if pool is not None:
+      pool.terminate()
+      pool.join()
   if not any(r.kept for r in reports):
     raise RuntimeError(f"No expert episode succeeded on {', '.join(tasks)}; nothing to write "
                        "(lower action_noise or raise max_steps).")
@@ -265,7 +299,7 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
                   action_noise: float = 0.0, seed_offset: int = 0,
                   max_steps: int | None = None, overwrite: bool = False,
                   progress: Callable[[TaskReport], None] | None = None,
-                  data_format: str = "rlds") -> DatasetReport:
+                  data_format: str = "rlds", num_workers: int = 0) -> DatasetReport:
   """Writes `<data_dir>/metaworld/1.0.0/` (or, `data_format="lerobot"`,
   `<data_dir>/metaworld_lerobot/`) and returns the report (see the module docstring).
 
@@ -280,6 +314,8 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
     overwrite: replace an existing dataset; otherwise that is an error.
     progress: called with each task's report when the task is done.
     data_format: "rlds" or "lerobot".
+    num_workers: tasks generated at once in worker processes (0: in this process); the dataset
+      is the same whatever the number (records in task order).
 
   The dataset is written under a temporary directory in `data_dir` and moved into place only
   when complete, so an interrupted or failed run never leaves or damages a dataset.
@@ -287,6 +323,8 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
   tasks = mw.resolve_tasks(tasks)
   seeds = mw.data_seeds(episodes_per_task, seed_offset)
   size = mw.image_hw(image_size)
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
   if not action_noise >= 0:
     raise ValueError(f"action_noise must be >= 0; got {action_noise}.")
   final = dataset_dir(data_dir, data_format)
@@ -298,7 +336,8 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
   start = time.perf_counter()
   reports: list[TaskReport] = []
   try:
-    examples = _examples(tasks, seeds, size, max_steps, action_noise, reports, progress)
+    examples = _examples(tasks, seeds, size, max_steps, action_noise, reports, progress,
+                         num_workers)
     if data_format == "lerobot":
       written = os.path.join(tmp, LEROBOT_DIR)
       _write_lerobot(written, size, examples)
