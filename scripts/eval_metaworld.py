@@ -10,7 +10,9 @@ policies) or `random`; --server=host:port drives a policy server through openpi-
 `WebsocketClientPolicy`. Chunks are executed as the policy's `execution` block says (served in its
 metadata) unless --replan_steps / --ensemble / --horizon override it. Writes
 `<output_dir>/<label>.json`, `<label>_success.png` and GIFs of the first --num_videos episodes of
-each task under `<label>_videos/`; prints a table with 95 % Wilson intervals.
+each task under `<label>_videos/`; prints a table with 95 % Wilson intervals. On MT50 it adds the
+mean of the four difficulty groups (the published average, with a bootstrap interval) and
+`<label>_groups.png`, the groups beside the rows the SmolVLA paper reports.
 
 --num_envs=N runs N environments at once, each in a worker process, and asks the policy for one
 batch per control step (`Policy.infer_batch` in process; N connections to a server, whose
@@ -62,6 +64,10 @@ _NUM_VIDEOS = flags.DEFINE_integer("num_videos", 1, "Episodes recorded per task 
 _NUM_ENVS = flags.DEFINE_integer("num_envs", 1, "Environments run at once in worker processes; "
                                  "the policy gets one batch of requests per control step.")
 _PLOT_WITH = flags.DEFINE_list("plot_with", [], "Earlier result JSONs drawn next to this one.")
+
+
+# The reported MT50 rows drawn beside a measured one (evaluation.REPORTED_MT50 has them all).
+_REPORTED_IN_PLOT = ("Diffusion Policy", "TinyVLA", "π0 (3.5B-PaliGemma)", "SmolVLA (0.45B)")
 
 
 def _execution(served: dict | None) -> ExecutionConfig:
@@ -191,6 +197,10 @@ def main(argv):
     with open(path) as f:
       others.append(json.load(f))
   evaluation.plot_success(others + [result], f"{stem}_success.png")
+  if "difficulty_average" in result:  # MT50: the published comparison, per difficulty group.
+    reported = {k: evaluation.REPORTED_MT50[k] for k in _REPORTED_IN_PLOT}
+    evaluation.plot_groups([r for r in others + [result] if "difficulty_average" in r],
+                           f"{stem}_groups.png", reported)
   print(evaluation.format_table(result))
   print(f"{result['frames_rendered']} frames rendered in {result['wall_s']:.0f} s; wrote "
         f"{stem}.json, {stem}_success.png, videos in {stem}_videos/", flush=True)

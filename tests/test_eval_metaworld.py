@@ -57,6 +57,30 @@ def _result(policy, outcomes):
   return dict(policy=policy, tasks=tasks)
 
 
+def test_mt50_average_is_the_mean_of_the_difficulty_groups(tmp_path):
+  # Easy: every episode succeeds; medium: half; hard and very hard: none (10 episodes a task).
+  rate = {"easy": 1.0, "medium": 0.5, "hard": 0.0, "very_hard": 0.0}
+  outcomes = {task: [i < 10 * rate[group] for i in range(10)]
+              for group, tasks in mw.DIFFICULTY.items() for task in tasks}
+  result = _result("policy", outcomes)
+  result["groups"] = {name: dict(evaluation.summarize(
+      [s for t in members for s in outcomes[t]]), tasks=list(members))
+                      for name, members in evaluation.groups_of(list(outcomes)).items()}
+  average = evaluation.difficulty_average(result)
+  assert average["success_rate"] == pytest.approx(0.375)  # Not 0.66, the pooled rate.
+  assert result["groups"]["all"]["success_rate"] == pytest.approx((280 + 55) / 500)
+  lo, hi = average["ci95"]
+  # Only medium varies: the interval is the medium rate's (n = 110) divided by 4, about ±2.3 %.
+  assert 0.35 < lo < 0.375 < hi < 0.40
+  assert evaluation.difficulty_average(_result("p", {"reach-v3": [True]}) | dict(
+      groups={"all": {}})) is None
+  result.update(difficulty_average=average, settings=dict(episodes_per_task=10, max_steps=400))
+  evaluation.plot_groups([result], str(tmp_path / "groups.png"), evaluation.REPORTED_MT50)
+  assert (tmp_path / "groups.png").stat().st_size > 0
+  for row in evaluation.REPORTED_MT50.values():  # As published: the average is the plain mean.
+    assert row["average"] == pytest.approx(np.mean([row[g] for g in mw.DIFFICULTY]), abs=0.06)
+
+
 def test_recorded_episodes_and_a_success_beside_a_failure(tmp_path):
   trained = _result("server 127.0.0.1:8000", {"reach-v3": [True, True], "push-v3": [True, False]})
   expert = _result("expert", {"reach-v3": [True, True], "push-v3": [True, True]})

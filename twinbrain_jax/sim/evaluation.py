@@ -34,6 +34,25 @@ from twinbrain_jax.sim import metaworld as mw
 
 MAX_NOISE_SEED = 2**32
 
+# MT50 under LeRobot's protocol as the SmolVLA paper reports it (arXiv 2506.01844, Table 2):
+# success % per difficulty group and their plain mean ("average", not weighted by task count).
+# Sizes as the table gives them (None: not given). Reported figures, not measured here.
+REPORTED_MT50: dict[str, dict[str, Any]] = {
+    "Diffusion Policy": dict(size=None, easy=23.1, medium=10.7, hard=1.9, very_hard=6.1,
+                             average=10.5),
+    "TinyVLA": dict(size=None, easy=77.6, medium=21.5, hard=11.4, very_hard=15.8, average=31.6),
+    "π0 (3.5B-PaliGemma)": dict(size="3.5B", easy=80.4, medium=40.9, hard=36.7, very_hard=44.0,
+                                average=50.5),
+    "π0 (3.5B, robotics-pretrained)": dict(size="3.5B", easy=71.8, medium=48.2, hard=41.7,
+                                           very_hard=30.0, average=47.9),
+    "SmolVLA (0.24B)": dict(size="0.24B", easy=86.43, medium=46.36, hard=35.0, very_hard=60.0,
+                            average=56.95),
+    "SmolVLA (0.45B)": dict(size="0.45B", easy=82.5, medium=41.8, hard=45.0, very_hard=60.0,
+                            average=57.3),
+    "SmolVLA (2.25B)": dict(size="2.25B", easy=87.14, medium=51.82, hard=70.0, very_hard=64.0,
+                            average=68.24),
+}
+
 
 class Agent(Protocol):
   """What `run_episode` drives (one episode at a time)."""
@@ -394,8 +413,31 @@ def _result(policy: str, finished: Mapping[str, Sequence[Episode]], limits: Mapp
   for name, members in groups_of(tuple(per_task)).items():
     outcomes = [s for task in members for s in per_task[task]["success_per_episode"]]
     groups[name] = dict(summarize(outcomes), tasks=list(members))
-  return dict(policy=policy, tasks=per_task, groups=groups, settings=settings,
-              frames_rendered=rendered, wall_s=time.perf_counter() - start)
+  result = dict(policy=policy, tasks=per_task, groups=groups, settings=settings,
+                frames_rendered=rendered, wall_s=time.perf_counter() - start)
+  average = difficulty_average(result)
+  if average is not None:
+    result["difficulty_average"] = average
+  return result
+
+
+def difficulty_average(result: Mapping[str, Any], resamples: int = 10_000,
+                       seed: int = 0) -> dict[str, Any] | None:
+  """The MT50 average as published (the plain mean of the four difficulty groups' success rates,
+  `REPORTED_MT50`) with a 95 % stratified-bootstrap interval (episodes resampled within each
+  group, `resamples` times); None unless all four groups were evaluated."""
+  if not all(g in result["groups"] for g in mw.DIFFICULTY):
+    return None
+  outcomes = [np.array([s for task in result["groups"][g]["tasks"]
+                        for s in result["tasks"][task]["success_per_episode"]], np.float64)
+              for g in mw.DIFFICULTY]
+  rng = np.random.default_rng(seed)
+  means = np.mean([o[rng.integers(0, len(o), (resamples, len(o)))].mean(axis=1)
+                   for o in outcomes], axis=0)
+  lo, hi = np.percentile(means, [2.5, 97.5])
+  return dict(success_rate=float(np.mean([o.mean() for o in outcomes])),
+              ci95=[float(lo), float(hi)], groups=list(mw.DIFFICULTY),
+              interval="stratified bootstrap", resamples=resamples)
 
 
 def format_table(result: Mapping[str, Any]) -> str:
@@ -410,6 +452,11 @@ def format_table(result: Mapping[str, Any]) -> str:
     steps = f"{r['mean_steps']:.0f}" if "mean_steps" in r else ""
     lines.append(f"{name:<{width}}  {r['successes']:>3}/{r['episodes']:<3}  "
                  f"{r['success_rate']:5.1%}  [{lo:5.1%}, {hi:5.1%}]  {steps:>6}")
+  average = result.get("difficulty_average")
+  if average:
+    lo, hi = average["ci95"]
+    lines.append(f"{'[mean of the 4 groups]':<{width}}  {'':>7}  {average['success_rate']:5.1%}"
+                 f"  [{lo:5.1%}, {hi:5.1%}]  (bootstrap; the published MT50 average)")
   return "\n".join(lines)
 
 
@@ -456,6 +503,50 @@ def success_figure(results: Sequence[Mapping[str, Any]]):
   ax.set_title(f"Meta-World, {results[0]['settings']['episodes_per_task']} episodes per task "
                "(evaluation seeds)")
   ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # Clear of the bars.
+  fig.tight_layout()
+  return fig
+
+
+def plot_groups(results: Sequence[Mapping[str, Any]], path: str,
+                reported: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+  """Writes `groups_figure` to `path` (PNG), without a display."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = groups_figure(results, reported)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def groups_figure(results: Sequence[Mapping[str, Any]],
+                  reported: Mapping[str, Mapping[str, Any]] | None = None):
+  """MT50 success per difficulty group and their mean: one bar per measured result (with its
+  95 % interval: Wilson per group, bootstrap for the mean) and, hatched and without intervals,
+  the `reported` rows (`REPORTED_MT50` or a subset)."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = [*mw.DIFFICULTY, "average"]
+  reported = dict(reported or {})
+  x = np.arange(len(names))
+  width = 0.85 / (len(results) + len(reported))
+  fig, ax = plt.subplots(figsize=(9.5, 4.2))
+  for i, result in enumerate(results):
+    rows = [result["groups"][g] for g in mw.DIFFICULTY] + [result["difficulty_average"]]
+    rates = np.array([r["success_rate"] for r in rows])
+    lo = np.maximum(0.0, rates - np.array([r["ci95"][0] for r in rows]))
+    hi = np.maximum(0.0, np.array([r["ci95"][1] for r in rows]) - rates)
+    ax.bar(x + (i - (len(results) + len(reported) - 1) / 2) * width, rates, width,
+           yerr=[lo, hi], capsize=2, label=f"{result['policy']} (measured)")
+  for j, (name, row) in enumerate(reported.items()):
+    k = len(results) + j
+    ax.bar(x + (k - (len(results) + len(reported) - 1) / 2) * width,
+           [row[n] / 100 for n in names], width, hatch="//", alpha=0.45,
+           label=f"{name} (reported)")
+  ax.set_xticks(x, ["easy (28)", "medium (11)", "hard (6)", "very hard (5)", "mean of groups"])
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("success rate (95% CI)")
+  ax.set_title(f"Meta-World MT50, {results[0]['settings']['episodes_per_task']} episodes per "
+               f"task, {results[0]['settings']['max_steps']}-step limit")
+  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   return fig
 
