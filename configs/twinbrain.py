@@ -176,6 +176,21 @@ def _metaworld_tiny_blind():
   return c
 
 
+def _metaworld_mt50():
+  """`metaworld_tiny` on MT50 (`make_metaworld_dataset.py --tasks=mt50`, 50 demonstrations per
+  task): 8 000 steps, checkpoints kept every 2 000 (docs/metaworld.md, the MT50 table)."""
+  c = _metaworld_tiny()
+  c.train.num_steps = 8000
+  c.checkpoint.update(every=500, keep_last=2, keep_every=2000)
+  return c
+
+
+def _metaworld_mt50_monolithic():
+  c = _metaworld_mt50()
+  c.model.variant = "monolithic"
+  return c
+
+
 def _small():
   c = _base("small")
   c.model.action_expert.update(num_layers=4, num_heads=4, head_dim=64, num_future_tokens=32,
@@ -209,6 +224,8 @@ PRESETS = dict(tiny=_tiny, small=_small, qwen25vl_3b=_qwen25vl_3b, qwen25vl_7b=_
                qwen3vl_tiny=_qwen3vl_tiny, qwen3vl_4b=_qwen3vl_4b,
                metaworld_tiny=_metaworld_tiny, metaworld_demo=_metaworld_demo,
                metaworld_tiny_monolithic=_metaworld_tiny_monolithic,
+               metaworld_mt50=_metaworld_mt50,
+               metaworld_mt50_monolithic=_metaworld_mt50_monolithic,
                metaworld_tiny_blind=_metaworld_tiny_blind)
 
 
