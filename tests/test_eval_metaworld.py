@@ -81,6 +81,32 @@ def test_mt50_average_is_the_mean_of_the_difficulty_groups(tmp_path):
     assert row["average"] == pytest.approx(np.mean([row[g] for g in mw.DIFFICULTY]), abs=0.06)
 
 
+def test_plot_script_draws_results_and_a_rollout_strip(tmp_path):
+  def record(episode):
+    evaluation.write_video(episode.frames, evaluation.video_path(str(tmp_path), "random",
+                                                                 episode.task, episode.seed))
+
+  os.makedirs(tmp_path / "random_videos")
+  result = evaluation.evaluate(evaluation.RandomAgent(), ["reach-v3", "push-v3"], 1,
+                               image_size=32, max_steps=10, num_videos=1, on_episode=record)
+  with open(tmp_path / "random.json", "w") as f:
+    json.dump(result, f)
+  script = [sys.executable, "scripts/plot_metaworld.py", f"--results={tmp_path / 'random.json'}",
+            f"--output_dir={tmp_path / 'img'}"]
+  done = processes.run([*script, "--strip_tasks=push,reach", "--strip_frames=3"],
+                       tmp_path / "plot", HANG_S, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (tmp_path / "img" / "metaworld_strip.png").stat().st_size > 0
+  assert (tmp_path / "img" / "metaworld_success.png").stat().st_size > 0
+  assert not (tmp_path / "img" / "metaworld_groups.png").exists()  # Not an MT50 result.
+  missing = processes.run([*script[:-1], f"--output_dir={tmp_path / 'img2'}",
+                           "--strip_tasks=drawer-close"], tmp_path / "bad", HANG_S,
+                          cwd=REPO)
+  assert missing.returncode != 0
+  assert "no recorded episode of drawer-close-v3" in missing.stderr and "wrote" not in missing.stdout
+  assert not (tmp_path / "img2").exists()  # Nothing written before the error.
+
+
 def test_recorded_episodes_and_a_success_beside_a_failure(tmp_path):
   trained = _result("server 127.0.0.1:8000", {"reach-v3": [True, True], "push-v3": [True, False]})
   expert = _result("expert", {"reach-v3": [True, True], "push-v3": [True, True]})

@@ -592,6 +592,28 @@ def success_and_failure(episodes: Sequence[Mapping[str, Any]],
   return [e for e in (first(True), first(False)) if e is not None]
 
 
+def rollout_strip(episodes: Sequence[Mapping[str, Any]], frames_per_episode: int = 6):
+  """A figure with one row per recorded episode (`recorded_episodes` entries: their GIFs) and
+  `frames_per_episode` frames evenly spaced from its first to its last, titled with the task,
+  the outcome and the step of each frame."""
+  import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(len(episodes), frames_per_episode, squeeze=False,
+                           figsize=(1.6 * frames_per_episode, 1.75 * len(episodes)))
+  for row, episode in zip(axes, episodes):
+    frames = iio.imread(episode["video"])  # [T, H, W, 3 or 4]
+    picks = np.linspace(0, len(frames) - 1, frames_per_episode).round().astype(int)
+    for ax, t in zip(row, picks):
+      ax.imshow(frames[t][..., :3])
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(f"step {t}", fontsize=7)
+    outcome = f"success in {episode['steps']} steps" if episode["success"] else "failure"
+    row[0].set_ylabel(f"{episode['task'].removesuffix('-v3')}\n{outcome}", fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
 def write_video(frames: np.ndarray, path: str, fps: int = 20) -> None:
   """Writes `frames [T, H, W, 3] uint8` as an animated GIF (imageio's Pillow writer)."""
   import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
