@@ -5,8 +5,8 @@
 
 SIGTERM (preemption) or SIGINT saves a checkpoint at the next step boundary and exits with
 status 0; during start-up (imports included) it exits with status 0 before writing anything.
-In a multi-process job (README, "One machine, several GPUs, a TPU pod") a signal to any one
-process stops all of them at the same step boundary; only process 0 prints the summary line.
+In a multi-process job (docs/training.md, "One machine, several GPUs, a TPU pod") a signal to
+any one process stops all of them at the same step boundary; only process 0 prints the summary line.
 """
 
 import os

@@ -37,7 +37,7 @@ NUM_STEPS, STOP_STEP, SIGNALLED_PROCESS = 3, 2, 1
 # difference of up to the learning rate. Losses are compared within LOSS_RTOL; every parameter
 # within PARAM_TOL of the learning rate summed over the steps taken (how far Adam can have moved
 # it: a batch assembled in another order moves parameters by about that much), measured in
-# README.md.
+# docs/training.md.
 LOSS_RTOL, PARAM_TOL = 1e-5, 1e-2
 # The action expert's attention key biases get a zero gradient in exact arithmetic (softmax is
 # invariant to adding q.b to every key), so their Adam updates are normalised rounding noise
