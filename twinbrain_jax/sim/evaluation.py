@@ -12,8 +12,13 @@ policy and `RandomAgent` draws uniform actions in [-1, 1]. Frames are rendered o
 agent will read them (`Agent.wants_image`: rendering, ~40 frames/s on a CPU, dominates the cost)
 and for the episodes recorded as videos.
 
+`evaluate(..., num_envs=N)` runs N environments in worker processes (`sim.env_pool`) and sends
+the chunk requests of all of them at a control step as one batch; every episode keeps its seeds,
+so the outcomes are the sequential run's.
+
 The result is plain JSON-able data (see `evaluate`); successes carry 95 % Wilson intervals per
-task and per task group.
+task and per task group, and an MT50 result the published mean of the difficulty groups
+(`difficulty_average`), next to which `REPORTED_MT50` holds the SmolVLA paper's rows.
 """
 
 from __future__ import annotations
