@@ -217,7 +217,7 @@ class Episode:
 def run_episode(env: mw.MetaWorldEnv, agent: Agent, seed: int, *,
                 record: bool = False) -> Episode:
   """Runs `agent` from `env.reset(seed)` to success or the episode limit."""
-  agent.reset(env.task, env.instruction, seed)
+  agent.reset(env.task, mw.instruction(env.task, seed), seed)
   time_step = env.reset(seed, render=record or agent.wants_image)
   rendered = int(time_step.image is not None)
   frames = [time_step.image] if record else []
@@ -368,7 +368,7 @@ def _run_parallel(agent: Agent, tasks: Sequence[str], seeds: Sequence[int], imag
 
     def start_next(worker: int) -> None:
       task, i, seed = queue.popleft()
-      agents[worker].reset(task, mw.INSTRUCTIONS[task], seed)
+      agents[worker].reset(task, mw.instruction(task, seed), seed)
       running[worker] = _Running(task, int(seed), record=i < num_videos)
       pool.send(worker, "reset", task, int(seed), i < num_videos or agents[worker].wants_image)
 

@@ -41,6 +41,8 @@ import metaworld  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import
 from metaworld import env_dict as _env_dict  # noqa: E402  pylint: disable=g-import-not-at-top
 from metaworld import policies as _policies  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from twinbrain_jax.sim import instructed  # noqa: E402  pylint: disable=g-import-not-at-top
+
 # One instruction per task: LeRobot's TASK_DESCRIPTIONS (src/lerobot/envs/metaworld_config.json),
 # except push-back-v3, which LeRobot describes exactly like push-v3; a language-conditioned
 # multi-task policy needs the two told apart.
@@ -120,7 +122,10 @@ DIFFICULTY: dict[str, tuple[str, ...]] = {
     "very_hard": ("shelf-place-v3", "disassemble-v3", "stick-pull-v3", "stick-push-v3",
                   "pick-place-wall-v3"),
 }
-TASK_GROUPS: dict[str, tuple[str, ...]] = {"mt10": MT10, "mt50": MT50, **DIFFICULTY}
+# Plus the families where the instruction decides (`sim/instructed.py`): "reach-place" (its
+# seen phrasings) and "reach-place-heldout"; they are not part of MT50.
+TASK_GROUPS: dict[str, tuple[str, ...]] = {"mt10": MT10, "mt50": MT50, **DIFFICULTY,
+                                           **instructed.GROUPS}
 
 DEFAULT_IMAGE_SIZE = (112, 112)
 CAMERA = "corner2"
@@ -151,14 +156,18 @@ def resolve_tasks(names: str | Sequence[str]) -> tuple[str, ...]:
     key = item.lower().replace(" ", "_")
     if key in TASK_GROUPS:
       found = TASK_GROUPS[key]
-    elif key in INSTRUCTIONS or f"{key}-v3" in INSTRUCTIONS:
-      found = (key if key in INSTRUCTIONS else f"{key}-v3",)
+    elif key in INSTRUCTIONS or key in instructed.TASKS:
+      found = (key,)
+    elif f"{key}-v3" in INSTRUCTIONS:
+      found = (f"{key}-v3",)
     else:
-      close = difflib.get_close_matches(key, [*TASK_GROUPS, *INSTRUCTIONS], n=4, cutoff=0.5)
+      close = difflib.get_close_matches(key, [*TASK_GROUPS, *INSTRUCTIONS, *instructed.TASKS],
+                                        n=4, cutoff=0.5)
       raise UnknownTaskError(
           f"Unknown Meta-World task or group {item!r}"
           + (f"; did you mean {', '.join(close)}?" if close else ".")
-          + f" Groups: {', '.join(TASK_GROUPS)}; tasks: the 50 names of MT50 (e.g. reach-v3).")
+          + f" Groups: {', '.join(TASK_GROUPS)}; tasks: the 50 names of MT50 (e.g. reach-v3) "
+          f"and those of the groups {', '.join(instructed.GROUPS)}.")
     tasks.extend(t for t in found if t not in tasks)
   if not tasks:
     raise UnknownTaskError(f"No Meta-World task in {names!r}; name tasks or groups "
@@ -173,6 +182,21 @@ def resolve_task(name: str) -> str:
     raise UnknownTaskError(f"{name!r} names {len(tasks)} tasks ({', '.join(tasks[:4])}"
                            f"{', ...' if len(tasks) > 4 else ''}); one task is needed here.")
   return tasks[0]
+
+
+def base_task(task: str) -> str:
+  """The Meta-World task whose scene and scripted policy `task` uses (itself for MT50)."""
+  task = resolve_task(task)
+  return instructed.TASKS[task].family.base_task if task in instructed.TASKS else task
+
+
+def instruction(task: str, seed: int) -> str:
+  """The instruction of `task`'s episode from `seed`: `INSTRUCTIONS[task]` for MT50; a family
+  task's phrasings take turns over the seeds (`sim/instructed.py`)."""
+  task = resolve_task(task)
+  if task in instructed.TASKS:
+    return instructed.TASKS[task].instruction(seed)
+  return INSTRUCTIONS[task]
 
 
 def _seed_range(num: int, start: int, stop: int, offset: int, what: str) -> tuple[int, ...]:
@@ -221,6 +245,39 @@ def upright(frame: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(frame[::-1, ::-1])
 
 
+def camera_pose(mujoco_env) -> tuple[np.ndarray, np.ndarray, float]:
+  """`(position [3], rotation [3, 3], fovy in degrees)` of `CAMERA` in the world now; the
+  rotation's columns are the camera's x (right of the raw render), y (up of it) and z (it looks
+  along -z)."""
+  camera = mujoco_env.model.camera(CAMERA).id
+  return (np.array(mujoco_env.data.cam_xpos[camera]),
+          np.array(mujoco_env.data.cam_xmat[camera]).reshape(3, 3),
+          float(mujoco_env.model.cam_fovy[camera]))
+
+
+def view_axes(mujoco_env) -> tuple[np.ndarray, np.ndarray]:
+  """Horizontal unit vectors `[3]` of the upright frame's directions on the table: its right,
+  and toward the camera. (The raw render is turned by 180 degrees, so the upright right is the
+  camera's -x.)"""
+  _, rotation, _ = camera_pose(mujoco_env)
+  flat = lambda v: np.array([v[0], v[1], 0.0]) / np.linalg.norm(v[:2])
+  return flat(-rotation[:, 0]), flat(rotation[:, 2])
+
+
+def project(mujoco_env, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """World points `[N, 3]` -> `(x [N], y [N], depth [N])`: where they appear in the upright
+  frame as fractions of its width from the left and of its height from the top (pinhole model
+  of `CAMERA` with square pixels), and their distance in metres along the viewing axis."""
+  position, rotation, fovy = camera_pose(mujoco_env)
+  h, w = mujoco_env.height, mujoco_env.width
+  local = (np.asarray(points, np.float64).reshape(-1, 3) - position) @ rotation  # Camera frame.
+  depth = -local[:, 2]
+  focal = 0.5 * h / np.tan(np.radians(fovy) / 2)  # Pixels; fovy is the vertical field of view.
+  raw_x = 0.5 * w + focal * local[:, 0] / depth
+  raw_y = 0.5 * h - focal * local[:, 1] / depth
+  return 1.0 - raw_x / w, 1.0 - raw_y / h, depth  # Upright: turned by 180 degrees.
+
+
 def clip_action(action: np.ndarray) -> np.ndarray:
   """`[4]` -> float32 `[4]` in [-1, 1]: exactly what the simulator applies (it clips xyz itself
   and the gripper actuator's control range is [-1, 1])."""
@@ -232,7 +289,10 @@ def clip_action(action: np.ndarray) -> np.ndarray:
 
 
 def expert_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
-  """Meta-World's scripted policy of `task`: raw observation `[39]` -> clipped action `[4]`."""
+  """Meta-World's scripted policy of `task`: raw observation `[39]` -> clipped action `[4]` (a
+  family task's: `instructed.expert_action`, which reads the place from the goal slot)."""
+  if resolve_task(task) in instructed.TASKS:
+    return lambda raw: clip_action(instructed.expert_action(raw))
   policy = _policies.ENV_POLICY_MAP[resolve_task(task)]()
   # A copy: some policies edit the observation in place (door-open shifts the handle x by 0.05).
   return lambda raw: clip_action(policy.get_action(np.array(raw, np.float64)))
@@ -269,9 +329,16 @@ class TimeStep:
 class MetaWorldEnv:
   """One Meta-World task behind the contract of the module docstring (not thread-safe).
 
+  A family task (`sim/instructed.py`, e.g. "reach-place-left") runs its base task's scene with
+  the goal markers hidden and the goal replaced by the place at every reset: the place is in the
+  goal slot of `raw` (`raw[36:39]`, which the scripted policy reads) and Meta-World's success test
+  measures the distance to it.
+
   Attributes:
-    task: Meta-World name, e.g. "pick-place-v3".
-    instruction: its natural-language instruction.
+    task: Meta-World name, e.g. "pick-place-v3", or a family task's name.
+    instruction: its natural-language instruction (a family task's: that of the last reset's
+      seed, `instruction(task, seed)`).
+    target: a family task's place `[3]` since the last reset, else None.
     image_size: `(H, W)` of the rendered frames.
     max_steps: the episode limit.
     mujoco_env: the underlying `metaworld.SawyerXYZEnv` (its `render()` is the raw frame).
@@ -280,9 +347,12 @@ class MetaWorldEnv:
   def __init__(self, task: str, image_size: int | Sequence[int] = DEFAULT_IMAGE_SIZE,
                max_steps: int | None = None):
     self.task = resolve_task(task)
-    self.instruction = INSTRUCTIONS[self.task]
+    self.instruction = instruction(self.task, 0)
     self.image_size = image_hw(image_size)
-    cls = _env_dict.ALL_V3_ENVIRONMENTS[self.task]
+    self._variant = instructed.TASKS.get(self.task)
+    self.target: np.ndarray | None = None
+    base = base_task(self.task)
+    cls = _env_dict.ALL_V3_ENVIRONMENTS[base]
     env = cls(render_mode="rgb_array", camera_name=CAMERA, width=self.image_size[1],
               height=self.image_size[0])
     limit = int(env.max_path_length)
@@ -294,12 +364,21 @@ class MetaWorldEnv:
     # positions from the env's seeded `np_random` at every reset instead.
     task_data = dict(env_cls=cls, rand_vec=np.array(env._random_reset_space.low),  # pylint: disable=protected-access
                      partially_observable=False)
-    env.set_task(metaworld.Task(env_name=self.task, data=pickle.dumps(task_data)))
+    env.set_task(metaworld.Task(env_name=base, data=pickle.dumps(task_data)))
     env._freeze_rand_vec = False  # pylint: disable=protected-access
     env.seeded_rand_vec = True
     quality = env.model.vis.quality
     quality.shadowsize, quality.offsamples = 0, 0  # Read when the GL context is made (1st frame).
     env.model.cam_pos[env.model.camera(CAMERA).id] = CAMERA_POS
+    if self._variant is not None:  # The goal is given in words only.
+      for site in range(env.model.nsite):
+        if env.model.site(site).name.startswith("goal"):
+          env.model.site_rgba[site, 3] = 0.0
+      # Meta-World clips the observation's goal slot to the base task's goal box; a place may
+      # lie outside it (reach-v3's box is y >= 0.8), so the box becomes the hand's.
+      hand = env._HAND_SPACE  # pylint: disable=protected-access
+      env.goal_space = type(hand)(hand.low, hand.high, dtype=np.float64)
+      env.__dict__.pop("sawyer_observation_space", None)  # A cached_property of the old box.
     self.mujoco_env = env
     self._steps: int | None = None  # None until the first reset.
 
@@ -315,6 +394,13 @@ class MetaWorldEnv:
       raise ValueError(f"seed must be in [0, 2**31); got {seed}.")
     self.mujoco_env.seed(int(seed))
     raw, _ = self.mujoco_env.reset()
+    if self._variant is not None:
+      self.instruction = self._variant.instruction(seed)
+      self.target = self._variant.target(self.mujoco_env._get_pos_objects(),  # pylint: disable=protected-access
+                                         *view_axes(self.mujoco_env))
+      self.mujoco_env._target_pos = self.target  # pylint: disable=protected-access
+      raw = np.array(raw)
+      raw[-3:] = self.target
     self._steps = 0
     return self._time_step(raw, 0.0, False, render)
 

@@ -46,6 +46,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from twinbrain_jax.data import lerobot
+from twinbrain_jax.sim import instructed
 from twinbrain_jax.sim import metaworld as mw
 
 NAME = "metaworld"
@@ -196,7 +197,7 @@ def expert_episode(env: mw.MetaWorldEnv, seed: int, action_noise: float = 0.0,
   return shown, np.stack([expert(raw) for raw in shown.raws]).astype(np.float32)
 
 
-def _png(image: np.ndarray) -> bytes:
+def png(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # ~10x faster, ~same size.
   return buf.getvalue()
@@ -204,9 +205,9 @@ def _png(image: np.ndarray) -> bytes:
 
 def episode_example(episode: mw.Rollout, actions: np.ndarray, action_noise: float) -> dict:
   """A rendered rollout and its recorded actions `[T, 4]` -> one RLDS episode (TFDS example)."""
-  instruction, last = mw.INSTRUCTIONS[episode.task], len(episode) - 1
+  instruction, last = mw.instruction(episode.task, episode.seed), len(episode) - 1
   steps = [{
-      "observation": {"image": _png(episode.images[t]), "state": episode.states[t]},
+      "observation": {"image": png(episode.images[t]), "state": episode.states[t]},
       "action": actions[t], "reward": float(episode.rewards[t]), "discount": 1.0,
       "is_first": t == 0, "is_last": t == last, "is_terminal": t == last and episode.success,
       "language_instruction": instruction,
@@ -305,7 +306,8 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
 
   Args:
     data_dir: TFDS data dir.
-    tasks: task names or groups (`sim.metaworld.resolve_tasks`), default MT10.
+    tasks: task names or groups (`sim.metaworld.resolve_tasks`), default MT10; a family's
+      (`sim.instructed`, e.g. "reach-place") with its seen phrasings only.
     episodes_per_task: expert episodes attempted per task; the failed ones are dropped.
     image_size: `(H, W)` or one int; the registry entry reads 112x112.
     action_noise: std of the Gaussian noise added to the executed actions.
@@ -321,6 +323,12 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
   when complete, so an interrupted or failed run never leaves or damages a dataset.
   """
   tasks = mw.resolve_tasks(tasks)
+  heldout = instructed.heldout_tasks(tasks)
+  if heldout:
+    raise ValueError(f"{', '.join(heldout)} use held-out phrasings, which never go into VLA "
+                     "training data (they are for evaluation and the VQA corpus); write "
+                     f"{', '.join(t.removesuffix(instructed.HELDOUT_SUFFIX) for t in heldout)} "
+                     "instead.")
   seeds = mw.data_seeds(episodes_per_task, seed_offset)
   size = mw.image_hw(image_size)
   if num_workers < 0:
@@ -328,11 +336,7 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
   if not action_noise >= 0:
     raise ValueError(f"action_noise must be >= 0; got {action_noise}.")
   final = dataset_dir(data_dir, data_format)
-  if os.path.exists(final) and not overwrite:
-    raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it, or "
-                          "choose another data dir.")
-  os.makedirs(data_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{NAME}-incomplete-", dir=data_dir)
+  tmp = scratch_dir(data_dir, final, NAME, overwrite)
   start = time.perf_counter()
   reports: list[TaskReport] = []
   try:
@@ -353,17 +357,33 @@ def write_dataset(data_dir: str, tasks: str | Sequence[str] = "mt10", *,
                            seconds=time.perf_counter() - start)
     with open(os.path.join(written, REPORT_FILE), "w") as f:
       json.dump(report.to_json(), f, indent=1)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    if os.path.exists(final):  # overwrite: swap in the new one, then delete the old one.
-      old = tempfile.mkdtemp(prefix=f".{NAME}-old-", dir=data_dir)
-      os.rename(final, os.path.join(old, "dataset"))
-      os.rename(written, final)
-      shutil.rmtree(old)
-    else:
-      os.rename(written, final)
+    move_into_place(written, final, data_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return report
+
+
+def scratch_dir(data_dir: str, final: str, name: str, overwrite: bool) -> str:
+  """A new temporary directory in `data_dir` to write dataset `name` into before it moves to
+  `final` (`move_into_place`); an existing `final` is an error unless `overwrite`."""
+  if os.path.exists(final) and not overwrite:
+    raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it, or "
+                          "choose another data dir.")
+  os.makedirs(data_dir, exist_ok=True)
+  return tempfile.mkdtemp(prefix=f".{name}-incomplete-", dir=data_dir)
+
+
+def move_into_place(written: str, final: str, data_dir: str) -> None:
+  """Renames the complete dataset `written` to `final` (both in `data_dir`); an existing `final`
+  is swapped out first and deleted only once the new one is in place."""
+  os.makedirs(os.path.dirname(final), exist_ok=True)
+  if os.path.exists(final):
+    old = tempfile.mkdtemp(prefix=".dataset-old-", dir=data_dir)
+    os.rename(final, os.path.join(old, "dataset"))
+    os.rename(written, final)
+    shutil.rmtree(old)
+  else:
+    os.rename(written, final)
 
 
 def read_report(dataset_dir: str) -> dict:
