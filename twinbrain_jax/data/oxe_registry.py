@@ -198,6 +198,23 @@ OXE_DATASETS["metaworld"] = DatasetSpec(
     state_normalize_mask=(True,) * 4)
 
 
+# Meta-World questions and answers (scripts/make_vqa_dataset.py, twinbrain_jax/sim/vqa.py): one
+# step per question about a rendered scene; the question is the language key, the answer, its
+# type and its choices are step texts (`Episode.text`). It has no actions (action_dim 0): a VLM
+# loss reads image, question and answer; the state is the scene's hand xyz ‖ gripper opening.
+def standardize_vqa(raw: Mapping[str, np.ndarray]):
+  """Meta-World VQA: no actions `[T, 0]`; the state (4) as recorded."""
+  states = raw["observation/state"].astype(np.float32)
+  return np.zeros((len(states), 0), np.float32), states
+
+
+OXE_DATASETS["metaworld_vqa"] = DatasetSpec(
+    name="metaworld_vqa", image_keys=("image",), image_shape=(112, 112), language_key="question",
+    lowdim_keys={"observation/state": (4,)}, standardize=standardize_vqa, action_dim=0,
+    state_dim=4, action_normalize_mask=(), action_binarize_mask=(),
+    state_normalize_mask=(True,) * 4)
+
+
 def get_spec(name: str) -> DatasetSpec:
   """The registry entry of `name`; an unknown name lists the known ones."""
   if name not in OXE_DATASETS:

@@ -221,7 +221,14 @@ class Episode:
     return out
 
   def instruction(self, t: int = 0) -> str:
-    value = _get_path(self._step(t), self._dataset.spec.language_key)
+    return self.text(t, self._dataset.spec.language_key)
+
+  def text(self, t: int, key: str) -> str:
+    """The text feature at step key path `key` ("language_instruction", "answer") of step `t`."""
+    try:
+      value = _get_path(self._step(t), key)
+    except KeyError as e:
+      raise DataError(f"{self._where(key)}: missing in this episode ({e}).") from e
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
   def image(self, t: int, camera: str) -> np.ndarray:
