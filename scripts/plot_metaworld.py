@@ -5,7 +5,7 @@ beside the published rows, and a strip of recorded rollouts.
       --output_dir=docs/img --name=metaworld_mt50 --strip_tasks=drawer-close,button-press,door-open
 
 Writes `<name>_success.png` (every result, per task), `<name>_groups.png` (results evaluated on
-all of MT50, with `evaluation.REPORTED_MT50`'s rows) and, when --strip_tasks is given,
+all of MT50, with `evaluation.REPORTED_MT50`'s rows; their Markdown table is printed) and, when --strip_tasks is given,
 `<name>_strip.png`: the first recorded episode of each of those tasks of the first result (its
 GIFs must be next to its JSON, `eval_metaworld.py --num_videos>=1`).
 """
@@ -60,8 +60,9 @@ def main(argv):
   mt50 = [r for r in results if "difficulty_average" in r]
   if mt50:
     written.append(f"{stem}_groups.png")
-    evaluation.plot_groups(mt50, written[-1],
-                           {k: evaluation.REPORTED_MT50[k] for k in _REPORTED.value})
+    reported = {k: evaluation.REPORTED_MT50[k] for k in _REPORTED.value}
+    evaluation.plot_groups(mt50, written[-1], reported)
+    print(evaluation.mt50_markdown(mt50, reported))
   if chosen:
     written.append(f"{stem}_strip.png")
     fig = evaluation.rollout_strip(chosen, _STRIP_FRAMES.value)

@@ -76,6 +76,9 @@ def test_mt50_average_is_the_mean_of_the_difficulty_groups(tmp_path):
       groups={"all": {}})) is None
   result.update(difficulty_average=average, settings=dict(episodes_per_task=10, max_steps=400))
   evaluation.plot_groups([result], str(tmp_path / "groups.png"), evaluation.REPORTED_MT50)
+  table = evaluation.mt50_markdown([result], {"TinyVLA": evaluation.REPORTED_MT50["TinyVLA"]})
+  assert "| policy (measured) | 280/280 = 100.0% [98.6%, 100.0%] | 55/110 = 50.0%" in table
+  assert "**37.5%**" in table and "| TinyVLA (reported) | 77.6 % |" in table
   assert (tmp_path / "groups.png").stat().st_size > 0
   for row in evaluation.REPORTED_MT50.values():  # As published: the average is the plain mean.
     assert row["average"] == pytest.approx(np.mean([row[g] for g in mw.DIFFICULTY]), abs=0.06)

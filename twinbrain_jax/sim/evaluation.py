@@ -512,6 +512,29 @@ def success_figure(results: Sequence[Mapping[str, Any]]):
   return fig
 
 
+def mt50_markdown(results: Sequence[Mapping[str, Any]],
+                  reported: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+  """A Markdown table of MT50 results (each with `difficulty_average`): per difficulty group
+  `successes/episodes` and rate with its 95 % Wilson interval, then the mean of the groups with
+  its bootstrap interval and the pooled rate; the `reported` rows follow (rates only)."""
+  cell = lambda r: (f"{r['successes']}/{r['episodes']} = {r['success_rate']:.1%} "
+                    f"[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]")
+  lines = ["| policy | easy | medium | hard | very hard | mean of groups | all episodes |",
+           "|---|---|---|---|---|---|---|"]
+  for r in results:
+    a = r["difficulty_average"]
+    lines.append(f"| {r['policy']} (measured) | "
+                 + " | ".join(cell(r["groups"][g]) for g in mw.DIFFICULTY)
+                 + f" | **{a['success_rate']:.1%}** [{a['ci95'][0]:.1%}, {a['ci95'][1]:.1%}]"
+                 f" | {cell(r['groups']['all'])} |")
+  for name, row in (reported or {}).items():
+    size = f", {row['size']}" if row.get("size") and row["size"] not in name else ""
+    lines.append(f"| {name}{size} (reported) | "
+                 + " | ".join(f"{row[g]:.1f} %" for g in mw.DIFFICULTY)
+                 + f" | **{row['average']:.1f} %** | |")
+  return "\n".join(lines)
+
+
 def plot_groups(results: Sequence[Mapping[str, Any]], path: str,
                 reported: Mapping[str, Mapping[str, Any]] | None = None) -> None:
   """Writes `groups_figure` to `path` (PNG), without a display."""
