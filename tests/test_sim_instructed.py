@@ -1,5 +1,6 @@
 """The reach-place family: one first frame, K goals given only in words (sim/instructed.py)."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # Before mujoco is imported.
@@ -7,6 +8,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # Before mujoco is imported.
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from twinbrain_jax.data import oxe_registry, rlds  # noqa: E402
 from twinbrain_jax.sim import evaluation, instructed  # noqa: E402
 from twinbrain_jax.sim import metaworld as mw  # noqa: E402
 from twinbrain_jax.sim import metaworld_dataset as mwd  # noqa: E402
@@ -98,3 +100,14 @@ def test_heldout_phrasings_never_go_into_training_data(tmp_path):
   with pytest.raises(ValueError, match="held-out"):
     mwd.write_dataset(str(tmp_path), "reach-place-heldout", episodes_per_task=1)
   assert not os.listdir(tmp_path)
+
+
+def test_demonstrations_carry_each_episodes_seen_phrasing(tmp_path):
+  task, seeds = "reach-place-left", mw.data_seeds(3)
+  report = mwd.write_dataset(str(tmp_path), task, episodes_per_task=len(seeds), image_size=32)
+  assert report.tasks[0].kept == len(seeds)
+  spec = dataclasses.replace(oxe_registry.get_spec(mwd.NAME), image_shape=(32, 32))
+  source = rlds.RldsDataset(rlds.resolve_dataset_dir(str(tmp_path), mwd.NAME), spec)
+  phrasings = [source.episode(i).instruction(0) for i in range(len(source))]
+  assert phrasings == [mw.instruction(task, s) for s in seeds]
+  assert sorted(phrasings) == sorted(FAMILY.places[0].seen)  # Three seeds: each seen phrasing.
