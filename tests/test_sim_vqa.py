@@ -71,7 +71,8 @@ def _view(env):
       renderer.enable_depth_rendering()
       depth = renderer.render()
   finally:  # The env's renderer draws in its own GL context: make it current again.
-    sim.mujoco_renderer._get_viewer("rgb_array").make_context_current()  # pylint: disable=protected-access
+    viewer = sim.mujoco_renderer._get_viewer("rgb_array")  # pylint: disable=protected-access
+    viewer.make_context_current()
   geoms = np.where(labels[..., 1] == mujoco.mjtObj.mjOBJ_GEOM, labels[..., 0], -1)
   return mw.upright(geoms), mw.upright(depth)
 
@@ -242,3 +243,20 @@ def test_script_fails_cleanly_on_bad_input(tmp_path):
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
     assert "wrote" not in done.stdout
   assert not any(tmp_path.glob(f"{vd.NAME}*"))
+
+
+def test_every_mt50_scene_has_its_things_and_questions():
+  assert set(vqa.PARAPHRASES) == set(vqa.OBJECTS) == set(mw.MT50)
+  for task in mw.MT50:
+    paraphrases = vqa.PARAPHRASES[task]
+    assert len(set(paraphrases)) == 3 and mw.INSTRUCTIONS[task] not in paraphrases
+    with mw.make_env(task, 32) as env:
+      ts = env.reset(0, render=False)
+      state = vqa.scene_state(env, 0, 0, ts)  # Every named body and joint exists in the scene.
+      for name, position in state.positions.items():  # On or above the table, in the frame.
+        assert np.all(np.isfinite(position)) and -0.05 < position[2] < 0.5, (task, name)
+        assert 0.0 < state.image_x[name] < 1.0 and state.depth[name] > 0, (task, name)
+      questions = vqa.ask(state, "all", np.random.default_rng(0))
+      assert {"task", "instruction"} <= {qa.question_type for qa in questions}, task
+      if task in vqa.ARTICULATIONS:
+        assert vqa.ARTICULATIONS[task].joint in state.joints

@@ -113,7 +113,8 @@ REACH_PLACE = Family(
     name="reach-place", base_task="reach-v3", anchor="puck", height=0.07,
     places=(
         Place("left", -_OFFSET, 0.0,
-              seen=("Reach to the left of the puck", "Move the gripper to the left side of the puck",
+              seen=("Reach to the left of the puck",
+                    "Move the gripper to the left side of the puck",
                     "Put the hand just left of the puck"),
               heldout=("Go to the spot on the puck's left",
                        "Bring the gripper beside the puck on its left")),
