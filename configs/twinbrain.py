@@ -5,7 +5,9 @@ backbone (`model.backbone.family="qwen3vl"`, DeepStack in both brains) as `qwen3
 (tests) and `qwen3vl_4b` (the paper's best TwinBrainVLA, Qwen3-VL-4B-Instruct), and the
 Meta-World MT10 closed-loop runs (docs/metaworld.md), CPU-trainable: `metaworld_tiny`
 (TwinBrain), `metaworld_tiny_monolithic` (one VLM, no left brain) and `metaworld_tiny_blind`
-(TwinBrain trained and evaluated with every instruction replaced by "").
+(TwinBrain trained and evaluated with every instruction replaced by ""). `<preset>_lora`
+(`qwen25vl_3b_lora`, `qwen25vl_7b_lora`, `qwen3vl_4b_lora`, `metaworld_tiny_lora`) trains the
+right brain through low-rank adapters (`model.lora`) instead of fully.
 Any field can be overridden on the command line, e.g. `--config.mesh.fsdp=4`.
 """
 
@@ -74,6 +76,14 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype
   m.param_dtype = "float32"  # trainable parts
   m.left_param_dtype = "bfloat16"  # frozen left brain storage
+  m.left_dtype = "bfloat16"  # frozen left brain compute
+  m.left_quantization = "none"  # or "int8": weight-only decoder kernels, per-channel scales
+  # Low-rank adapters on the right brain's decoder projections (rank 0: full fine-tuning). With
+  # rank > 0 the right brain's base weights are frozen (stored in base_param_dtype); the
+  # adapters, the state encoder and the action expert train (docs/training.md).
+  m.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0, base_param_dtype="bfloat16",
+      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
   # Per right-brain layer, vision block and DiT block (`action_expert.remat_policy` overrides it
   # for the DiT): "dots" keeps matmul outputs and recomputes the rest in the backward pass; on
   # CPU it is also the fastest (docs/benchmarks.md). "none", "full".
@@ -220,13 +230,28 @@ def _qwen3vl_4b():
   return c
 
 
+def _lora(c: ml_collections.ConfigDict, rank: int, right_lr: float | None = None
+          ) -> ml_collections.ConfigDict:
+  """`c` fine-tuning the right brain through rank-`rank` adapters on every decoder projection
+  (the state encoder and the action expert still train fully)."""
+  c.model.lora.update(rank=rank, alpha=float(rank))
+  if right_lr is not None:
+    c.train.optimizer.lr.right = right_lr
+  return c
+
+
 PRESETS = dict(tiny=_tiny, small=_small, qwen25vl_3b=_qwen25vl_3b, qwen25vl_7b=_qwen25vl_7b,
                qwen3vl_tiny=_qwen3vl_tiny, qwen3vl_4b=_qwen3vl_4b,
                metaworld_tiny=_metaworld_tiny, metaworld_demo=_metaworld_demo,
                metaworld_tiny_monolithic=_metaworld_tiny_monolithic,
                metaworld_mt50=_metaworld_mt50,
                metaworld_mt50_monolithic=_metaworld_mt50_monolithic,
-               metaworld_tiny_blind=_metaworld_tiny_blind)
+               metaworld_tiny_blind=_metaworld_tiny_blind,
+               # One-GPU fine-tuning: low-rank adapters on the right brain (docs/training.md).
+               qwen25vl_3b_lora=lambda: _lora(_qwen25vl_3b(), 16, right_lr=1e-4),
+               qwen25vl_7b_lora=lambda: _lora(_qwen25vl_7b(), 16, right_lr=1e-4),
+               qwen3vl_4b_lora=lambda: _lora(_qwen3vl_4b(), 16, right_lr=1e-4),
+               metaworld_tiny_lora=lambda: _lora(_metaworld_tiny(), 8))
 
 
 def get_config(arg=None):

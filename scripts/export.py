@@ -6,7 +6,8 @@ stats, tokenizer).
 
 `--obs_format=libero` (or droid, aloha) records the observation layout the bundle's clients send:
 `scripts/serve.py` serves it by default. A damaged newer step is skipped with a warning;
-`scripts/checkpoints.py` lists the whole steps.
+`scripts/checkpoints.py` lists the whole steps. A run with low-rank adapters is exported with
+the adapters folded into the weights (`--nomerge_lora` keeps them apart).
 """
 
 import sys
@@ -27,13 +28,15 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest 
 _TOKENIZER = flags.DEFINE_string("tokenizer_dir", None, "Default: the run's init.tokenizer.")
 _OBS_FORMAT = flags.DEFINE_enum("obs_format", None, sorted(formats.FORMATS),
                                 "Record the observation layout clients send (serve.py's default).")
+_MERGE_LORA = flags.DEFINE_bool("merge_lora", True, "Fold low-rank adapters into the weights "
+                                "(the bundle serves as a model without adapters).")
 
 
 def main(argv):
   del argv
   try:
     out = export.export_checkpoint(_CHECKPOINT_DIR.value, _OUT.value, _DTYPE.value, _STEP.value,
-                                   _TOKENIZER.value, _OBS_FORMAT.value)
+                                   _TOKENIZER.value, _OBS_FORMAT.value, _MERGE_LORA.value)
   except (checkpoint.DamagedCheckpointError, FileNotFoundError, FileExistsError,
           DataError) as e:
     sys.exit(f"error: {e}")

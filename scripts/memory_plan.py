@@ -35,6 +35,10 @@ _FIT_GIB = flags.DEFINE_float("fit_gib", None, "Search the largest global batch 
                               "step fits this many GiB per device (ignores --batch_size).")
 _FAST = flags.DEFINE_bool("fast_cpu_compile", True, "On CPU, compile without LLVM optimisation "
                           "(same bytes, about half the compile time; the step is never run).")
+_BF16_NATIVE = flags.DEFINE_bool(
+    "cpu_bf16_as_native", True, "On CPU, keep XLA from converting whole stacks of bf16 weights "
+    "to f32 ahead of the layer loop (XLA:CPU has no bf16 matmul; accelerators hold no such "
+    "copies). --nocpu_bf16_as_native plans with the copies.")
 _REMAT = flags.DEFINE_list("remat_policies", None, "model.remat_policy values to plan, one row "
                            "each; default the config's.")
 
@@ -56,19 +60,27 @@ def main(argv):
   for remat in _REMAT.value or [config.model.remat_policy]:
     config.model.remat_policy = remat
     if _FIT_GIB.value is None:
-      plans.append(memory.memory_plan(config, _BATCH.value, _COMPILE.value, _FAST.value))
+      plans.append(memory.memory_plan(config, _BATCH.value, _COMPILE.value, _FAST.value,
+                                      _BF16_NATIVE.value))
       rows.append(_row(preset, remat, plans[-1]))
     else:
       print(f"{preset}, remat {remat}: the largest batch within {_FIT_GIB.value} GiB per device")
-      fits, too_big = memory.largest_fitting_batch(config, int(_FIT_GIB.value * 2**30),
-                                                      fast_cpu_compile=_FAST.value)
+      try:
+        fits, too_big = memory.largest_fitting_batch(config, int(_FIT_GIB.value * 2**30),
+                                                     fast_cpu_compile=_FAST.value,
+                                                     cpu_bf16_as_native=_BF16_NATIVE.value)
+      except memory.DoesNotFit as err:  # This remat's row says so; the next remat still runs.
+        print(f"  {err}")
+        plans.append(err.plan)
+        rows.append(_row(preset, remat, err.plan, "batch 1 per device does not fit"))
+        continue
       plans.append(fits)
       rows += [_row(preset, remat, fits, "largest that fits"),
                _row(preset, remat, too_big, "next batch: does not fit")]
   print(f"\n{preset}: {plans[0].trainable_params / 1e9:.2f} B trainable, "
         f"{plans[0].frozen_params / 1e9:.2f} B frozen parameters. Per device, GiB; temporaries "
         "and total from XLA's memory_analysis() of the compiled step; lower / compile in s.\n")
-  print("| preset | mesh | remat | global batch | trainable params | frozen left brain | "
+  print("| preset | mesh | remat | global batch | trainable params | frozen params | "
         "optimizer state | step temporaries | total | lower s | compile s | |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))

@@ -30,6 +30,7 @@ NUM_REAL_TOKENS = 496  # The tiny preset's <|action|> / <|propri|> rows are 496 
 def loaded(tiny_hf_checkpoint):
   """(trainer, randomly initialised state, state after loading the checkpoint), on (2, 2, 2)."""
   config = tiny_config(MESH)
+  config.model.left_dtype = "float32"  # bf16 storage, float32 compute: compared with HF below.
   _, grid = synthetic_batch(config)
   trainer = Trainer(config, grid)
   initial = trainer.init()

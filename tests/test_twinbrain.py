@@ -3,7 +3,6 @@
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,7 @@ import optax
 import pytest
 
 from fixtures_flops import dot_general_flops
-from fixtures_twinbrain import TINY_PRESETS, make_obs, tiny_config, twinbrain_configs
+from fixtures_twinbrain import TINY_PRESETS, init_model, make_obs, tiny_config, twinbrain_configs
 from twinbrain_jax.models import asymot, backbones
 from twinbrain_jax.models.twinbrain import (TwinBrainConfig, TwinBrainVLA, compute_loss,
                                             init_right_from_left, sample_actions,
@@ -19,21 +18,12 @@ from twinbrain_jax.models.twinbrain import (TwinBrainConfig, TwinBrainVLA, compu
                                             train_step_flops)
 
 
-def _init(config, obs, grid, seed=0):
-  model = TwinBrainVLA(config)
-  expert = config.action_expert
-  noisy = jnp.zeros((obs["state"].shape[0], expert.action_horizon, expert.action_dim))
-  t = jnp.zeros((obs["state"].shape[0],))
-  params = jax.jit(lambda r: model.init(r, obs, grid, noisy, t)["params"])(jax.random.key(seed))
-  return model, jax.tree.map(np.asarray, nn.unbox(params))
-
-
 @pytest.fixture(scope="module", params=TINY_PRESETS)
 def tiny(request):
   """Both backbone families: Qwen2.5-VL and Qwen3-VL (DeepStack in both brains)."""
   config = tiny_config(request.param)
   obs, grid = make_obs(config)
-  model, params = _init(config, obs, grid)
+  model, params = init_model(config, obs, grid)
   return config, model, params, obs, grid
 
 
@@ -180,7 +170,7 @@ def test_joint_attention_matches_float64_reference():
 def test_monolithic_variant_has_no_left_brain():
   config = tiny_config(variant="monolithic")
   obs, grid = make_obs(config)
-  _, params = _init(config, obs, grid)
+  _, params = init_model(config, obs, grid)
   assert "left" not in params and "right" in params
 
 
@@ -212,7 +202,7 @@ def test_right_brain_init_copies_left_with_mean_special_tokens(tiny):
 def _overfit(config, num_steps):
   """Adam on one fixed batch of 4 smooth chunks: (per-step losses, |sampled - target| mean)."""
   obs, grid = make_obs(config, text_lengths=(4, 6, 5, 7), seed=5)
-  model, params = _init(config, obs, grid, seed=1)
+  model, params = init_model(config, obs, grid, seed=1)
   rng = np.random.default_rng(2)
   # Smooth target chunks in [-1, 1], different per sample.
   steps = np.linspace(0, 1, 16)[None, :, None]
@@ -305,11 +295,11 @@ def test_scanned_layers_give_the_unrolled_loss_and_gradients(preset):
   unrolled_config = tiny_config(preset, scan_layers=False)
   scanned_config = tiny_config(preset)
   obs, grid = make_obs(scanned_config)
-  unrolled, params = _init(unrolled_config, obs, grid)
+  unrolled, params = init_model(unrolled_config, obs, grid)
   assert "layers_1" in params["right"]["model"] and "block_1" in params["action_expert"]
   scanned = TwinBrainVLA(scanned_config)
   scanned_params = scanned_params_from_unrolled(params, scanned_config)
-  _, fresh = _init(scanned_config, obs, grid)  # The scanned model's own layout.
+  _, fresh = init_model(scanned_config, obs, grid)  # The scanned model's own layout.
   assert jax.tree.structure(fresh) == jax.tree.structure(scanned_params)
   assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, scanned_params)
   batch = dict(obs, actions=np.random.default_rng(1).normal(size=(2, 16, 7)).astype(np.float32),

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from twinbrain_jax.models.layers import REMAT_POLICIES, add_layer_addition, check_remat_policy
+from twinbrain_jax.models.layers import (REMAT_POLICIES, add_layer_addition, check_remat_policy,
+                                         dequantize_kernels)
 from twinbrain_jax.models.qwen25vl import (DecoderLayer, causal_padding_mask,
                                            dot_product_attention)
 
@@ -142,19 +143,23 @@ def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right
                 hidden_left: jax.Array, hidden_right: jax.Array,
                 rope_left: tuple[jax.Array, jax.Array], rope_right: tuple[jax.Array, jax.Array],
                 masks: JointMasks, remat_policy: str = "none",
-                additions_left: jax.Array | None = None, additions_right: jax.Array | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+                additions_left: jax.Array | None = None, additions_right: jax.Array | None = None,
+                dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """All layers of both brains as one `lax.scan`: step i reads layer i of both stacks.
 
   Args:
     left, right: unbound `DecoderLayer`s of each brain's sizes and dtypes.
     left_params, right_params: each brain's decoder params stacked on a leading `layers` axis
-      (the left one may be stored in another dtype, e.g. bf16).
+      (the left one may be stored in another dtype, e.g. bf16, or hold int8 kernels with their
+      `kernel_scale`s: step i dequantizes layer i only, so the whole stack never exists in
+      floating point).
     hidden_left, hidden_right, rope_left, rope_right, masks: as `asymot_forward`.
     remat_policy: recompute each joint layer in the backward pass (`jax.checkpoint`), keeping
       what the named policy allows (`layers.REMAT_POLICIES`).
     additions_left, additions_right: as `asymot_forward`; broadcast to every step, step i adds
       map i of each brain's own stream while i < K (the scanned layer index picks it).
+    dropout_rng: the right layers' `dropout` rng (layer i draws from `fold_in(rng, i)`), or None
+      for no dropout.
 
   Returns:
     The streams before the final norms.
@@ -166,8 +171,10 @@ def asymot_scan(left: DecoderLayer, right: DecoderLayer, left_params: Any, right
 
   def step(carry, xs):
     left_params_i, right_params_i, index = xs
+    left_params_i = dequantize_kernels(left_params_i, left.param_dtype)  # int8 kernels, if any
     left_i = left.bind({"params": left_params_i})
-    right_i = right.bind({"params": right_params_i})
+    rngs = None if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, index)}
+    right_i = right.bind({"params": right_params_i}, rngs=rngs)
     hidden_left, hidden_right = asymot_layer(left_i, right_i, *carry, rope_left, rope_right, masks)
     return (add_layer_addition(hidden_left, additions_left, index),
             add_layer_addition(hidden_right, additions_right, index)), None

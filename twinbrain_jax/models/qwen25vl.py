@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, RMSNorm, add_layer_addition,
-                                         dense, dot_product_attention, remat, scan_layers)
+from twinbrain_jax.models.layers import (INIT_STD, EinsumDense, LoraConfig, RMSNorm,
+                                         adapter_config, add_layer_addition, dense,
+                                         dot_product_attention, remat, scan_layers)
 from twinbrain_jax.models.qwen25vl_vision import VisionConfig, VisionTower
 
 Dtype = Any
@@ -304,23 +305,49 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Layers.
 
+# The projections of a decoder layer (`parent/name`) and how many input axes each kernel has
+# (o_proj reads [heads, kv]); low-rank adapters and int8 kernels are named by these.
+DECODER_PROJECTIONS = {"self_attn/q_proj": 1, "self_attn/k_proj": 1, "self_attn/v_proj": 1,
+                       "self_attn/o_proj": 2, "mlp/gate_proj": 1, "mlp/up_proj": 1,
+                       "mlp/down_proj": 1}
+
+
+def decoder_projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
+  """`DECODER_PROJECTIONS` name -> (inputs, outputs) of its matrix, for a Qwen2.5-VL or
+  Qwen3-VL `TextConfig`."""
+  e, i = config.hidden_size, config.intermediate_size
+  q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+  return {"self_attn/q_proj": (e, q), "self_attn/k_proj": (e, kv), "self_attn/v_proj": (e, kv),
+          "self_attn/o_proj": (q, e), "mlp/gate_proj": (e, i), "mlp/up_proj": (e, i),
+          "mlp/down_proj": (i, e)}
+
 
 class Attention(nn.Module):
-  """The q/k/v/o projections of one decoder layer (q/k/v with bias, o without)."""
+  """The q/k/v/o projections of one decoder layer (q/k/v with bias, o without); `lora` adds
+  adapters to the projections it targets."""
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraConfig | None = None
+
+  def projection_kwargs(self, name: str, **kw: Any) -> dict[str, Any]:
+    """Keyword arguments of the `EinsumDense` called `name` (its adapter, if targeted)."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                lora=adapter_config(self.lora, f"self_attn/{name}"), **kw)
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.projection_kwargs
     e, hq, hkv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     # Kernels keep their head axes (created in their final shape, so the logical names apply).
-    self.q_proj = EinsumDense("ble,ehd->blhd", (e, hq, d), ("embed", "heads", "kv"), **kw)
-    self.k_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"), **kw)
-    self.v_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"), **kw)
+    self.q_proj = EinsumDense("ble,ehd->blhd", (e, hq, d), ("embed", "heads", "kv"),
+                              **kw("q_proj"))
+    self.k_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"),
+                              **kw("k_proj"))
+    self.v_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"),
+                              **kw("v_proj"))
     self.o_proj = EinsumDense("blhd,hde->ble", (hq, d, e), ("heads", "kv", "embed"),
-                              contracted=2, use_bias=False, **kw)
+                              contracted=2, **kw("o_proj", use_bias=False))
 
   def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -338,19 +365,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases; kernels `[in, out]` as
+  `nn.Dense`'s. `lora` adds adapters to the projections it targets."""
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(x)
-    up = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(x)
+    e, i = c.hidden_size, c.intermediate_size
+
+    def projection(name, equation, shape, axes):
+      return EinsumDense(equation, shape, axes, use_bias=False, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=name,
+                         lora=adapter_config(self.lora, f"mlp/{name}"))
+
+    gate = projection("gate_proj", "ble,ef->blf", (e, i), ("embed", "mlp"))(x)
+    up = projection("up_proj", "ble,ef->blf", (e, i), ("embed", "mlp"))(x)
     hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
+    return projection("down_proj", "blf,fe->ble", (i, e), ("mlp", "embed"))(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -358,19 +393,21 @@ class DecoderLayer(nn.Module):
 
   `__call__(hidden, cos, sin, mask, cache)` = `qkv` -> `dot_product_attention` -> `out`.
   Subclasses change the attention projections through `attention_cls` (Qwen3's q/k norms).
+  `lora` adds low-rank adapters to the projections it targets (`DECODER_PROJECTIONS`).
   """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraConfig | None = None
   attention_cls = Attention  # Not a field: a subclass's choice.
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
-    self.self_attn = self.attention_cls(c, **kw)
+    self.self_attn = self.attention_cls(c, lora=self.lora, **kw)
     self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
-    self.mlp = MLP(c, **kw)
+    self.mlp = MLP(c, lora=self.lora, **kw)
 
   def qkv(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -433,18 +470,20 @@ class TextModel(nn.Module):
   `remat_policy` (see `layers.REMAT_POLICIES`) recomputes each layer in the backward pass; unrolled, it
   applies to each layer's halves (`qkv`, `out`), also when AsyMoT drives them one by one.
   Subclasses change the layers through `decoder_layer_cls` and the position encoding through
-  `rotary`.
+  `rotary`. `lora` puts low-rank adapters on the decoder layers' projections it targets.
   """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = True
+  lora: LoraConfig | None = None
   decoder_layer_cls = DecoderLayer  # Not a field: a subclass's choice.
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    layer_kw = dict(kw, lora=self.lora)
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw)
@@ -455,16 +494,16 @@ class TextModel(nn.Module):
       stack = scan_layers(layer_cls, c.num_hidden_layers,
                           (nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                           self.remat_policy)
-      self.layers = stack(c, **kw)
+      self.layers = stack(c, **layer_kw)
     else:
       layer_cls = remat(layer_cls, self.remat_policy, methods=("qkv", "out"))
-      self.layers = [layer_cls(c, **kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
+      self.layers = [layer_cls(c, **layer_kw) for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
   def layer(self) -> DecoderLayer:
     """An unbound `DecoderLayer` of this model's sizes and dtypes (for scanned params)."""
     return self.decoder_layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  parent=None)
+                                  lora=self.lora, parent=None)
 
   def stacked_layer_params(self) -> Any:
     """The decoder layers' params stacked on a leading `layers` axis (scanned layout only)."""
@@ -703,20 +742,23 @@ class Qwen25VL(nn.Module):
   """Qwen2.5-VL: vision tower, image features merged into the token embeddings, text model,
   lm head (tied to the embedding matrix when `tie_word_embeddings`).
 
-  Subclasses (Qwen3-VL) swap the parts through `vision_tower_cls` / `text_model_cls`.
+  Subclasses (Qwen3-VL) swap the parts through `vision_tower_cls` / `text_model_cls`. `lora`
+  puts low-rank adapters on the decoder layers' projections it targets.
   """
   config: Qwen25VLConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = True
+  lora: LoraConfig | None = None
   vision_tower_cls = VisionTower  # Not fields: a subclass's choice.
   text_model_cls = TextModel
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers)
     self.visual = self.vision_tower_cls(self.config.vision, remat_policy=self.remat_policy, **kw)
-    self.model = self.text_model_cls(self.config.text, remat_policy=self.remat_policy, **kw)
+    self.model = self.text_model_cls(self.config.text, remat_policy=self.remat_policy,
+                                     lora=self.lora, **kw)
     kw.pop("scan_layers")
     if not self.config.text.tie_word_embeddings:
       self.lm_head = dense(self.config.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)

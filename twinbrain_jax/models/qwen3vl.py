@@ -199,13 +199,16 @@ class Attention(qwen25vl.Attention):
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+    kw = lambda name: self.projection_kwargs(name, use_bias=False)
     e, hq, hkv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    self.q_proj = EinsumDense("ble,ehd->blhd", (e, hq, d), ("embed", "heads", "kv"), **kw)
-    self.k_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"), **kw)
-    self.v_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"), **kw)
+    self.q_proj = EinsumDense("ble,ehd->blhd", (e, hq, d), ("embed", "heads", "kv"),
+                              **kw("q_proj"))
+    self.k_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"),
+                              **kw("k_proj"))
+    self.v_proj = EinsumDense("ble,ehd->blhd", (e, hkv, d), ("embed", "kv_heads", "kv"),
+                              **kw("v_proj"))
     self.o_proj = EinsumDense("blhd,hde->ble", (hq, d, e), ("heads", "kv", "embed"),
-                              contracted=2, **kw)
+                              contracted=2, **kw("o_proj"))
     self.q_norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     self.k_norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 

@@ -1,7 +1,7 @@
 """TwinBrainVLA: frozen left brain + trainable right brain (AsyMoT) + flow-matching DiT expert.
 
-    left brain   Qwen2.5-VL or Qwen3-VL (`backbone.family`), frozen, bf16 storage: image +
-                 instruction
+    left brain   Qwen2.5-VL or Qwen3-VL (`backbone.family`), frozen, stored and run in bf16
+                 (optionally int8 weight-only decoder kernels): image + instruction
     right brain  a copy of the same VLM, trainable: image + "Instruction: ..\nAction Query: "
                  + <|propri|> + N x <|action|>; the <|propri|> embedding is replaced by
                  phi(state). It precedes the queries so that, under causal attention, every
@@ -13,6 +13,10 @@ With Qwen3-VL, each brain's vision tower also gives DeepStack maps that are adde
 brain's own stream after its first decoder layers (inside the AsyMoT loop); AsyMoT is unchanged.
 
 The `monolithic` variant (Qwen-GR00T) drops the left brain: the right brain runs alone.
+
+With `lora.rank > 0` the right brain's decoder projections named by `lora.targets` carry
+low-rank adapters (`layers.LowRankAdapter`); training then updates the adapters, the state
+encoder and the expert, and the right brain's base weights stay frozen.
 
 Observation inputs (`obs`, a dict of arrays, batch-major):
     left_input_ids [B, Ll], left_attention_mask [B, Ll], left_position_ids [3, B, Ll]
@@ -35,15 +39,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from twinbrain_jax import flow_matching
-from twinbrain_jax.models import asymot, backbones
+from twinbrain_jax.models import asymot, backbones, qwen25vl
 from twinbrain_jax.models.dit import (ActionExpert, ActionExpertConfig, EmbodimentMLP,
                                       action_expert_flops, scanned_expert_params)
-from twinbrain_jax.models.layers import REMAT_POLICIES, stack_layer_params
-from twinbrain_jax.models.qwen25vl import get_rope_index
+from twinbrain_jax.models.layers import (REMAT_POLICIES, LoraConfig, dequantize_kernels,
+                                         merge_adapters, quantize_kernels, split_adapters,
+                                         stack_layer_params)
+from twinbrain_jax.models.qwen25vl import (DECODER_PROJECTIONS, decoder_projection_shapes,
+                                           get_rope_index)
 from twinbrain_jax.models.tokenizer import left_pad
 
 VARIANTS = ("twinbrain", "monolithic")
 CONDITIONINGS = ("action_queries", "all_right")
+LEFT_QUANTIZATIONS = ("none", "int8")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -59,7 +67,10 @@ class TwinBrainConfig:
 
   `action_token_id` / `propri_token_id` are the right tokenizer's `<|action|>` / `<|propri|>`
   ids; they reuse unused rows of the embedding table so the vocabulary (and its sharding) keeps
-  its size.
+  its size. `left_param_dtype` / `left_dtype` are the frozen left brain's storage and compute
+  dtypes; `left_quantization="int8"` stores its decoder kernels as int8 with per-channel scales
+  (dequantized layer by layer inside the joint scan). `lora` puts low-rank adapters on the right
+  brain (rank 0: full fine-tuning).
   """
   backbone: backbones.BackboneConfig
   action_expert: ActionExpertConfig
@@ -75,6 +86,9 @@ class TwinBrainConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   left_param_dtype: str = "bfloat16"
+  left_dtype: str = "bfloat16"
+  left_quantization: str = "none"
+  lora: LoraConfig = LoraConfig()
   remat_policy: str = "none"
   scan_layers: bool = True
   # The prompts `inputs.ModelInputs` builds for this model.
@@ -83,11 +97,18 @@ class TwinBrainConfig:
   def __post_init__(self):
     for name, allowed in (("variant", VARIANTS), ("mask_mode", asymot.MASK_MODES),
                           ("conditioning", CONDITIONINGS),
+                          ("left_quantization", LEFT_QUANTIZATIONS),
                           ("remat_policy", tuple(REMAT_POLICIES))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"TwinBrainConfig.{name}={getattr(self, name)!r}; choose one of {allowed}.")
-    for name in ("dtype", "param_dtype", "left_param_dtype"):
+    for name in ("dtype", "param_dtype", "left_param_dtype", "left_dtype"):
       _dtype(getattr(self, name))
+    _dtype(self.lora.base_param_dtype)
+    self.lora.check(decoder_projection_shapes(self.backbone.text))
+    if self.left_quantization != "none" and not (self.scan_layers and self.variant == "twinbrain"):
+      raise ValueError(f"TwinBrainConfig.left_quantization={self.left_quantization!r} needs "
+                       "variant='twinbrain' and scan_layers=True (the joint scan dequantizes "
+                       "the left brain's kernels layer by layer).")
     vocab = self.backbone.text.vocab_size
     for name in ("action_token_id", "propri_token_id"):
       if not 0 <= getattr(self, name) < vocab:
@@ -116,8 +137,13 @@ class TwinBrainConfig:
     unknown = sorted(set(items) - fields)
     if unknown:
       raise ValueError(f"Unknown config.model key(s) {unknown}; the fields are {sorted(fields)}.")
+    lora = dict(items.pop("lora", {}) or {})
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    if set(lora) - lora_fields:
+      raise ValueError(f"Unknown config.model.lora key(s) {sorted(set(lora) - lora_fields)}; the "
+                       f"fields are {sorted(lora_fields)}.")
     return cls(backbone=backbone, action_expert=ActionExpertConfig.from_config_dict(expert),
-               **items)
+               lora=LoraConfig(**lora), **items)
 
 
 def action_query_context(hidden: jax.Array, input_ids: jax.Array, action_token_id: int,
@@ -147,10 +173,11 @@ class TwinBrainVLA(nn.Module):
     dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
     vlm = backbones.model_class(c.backbone)
     if c.variant == "twinbrain":  # Frozen: forward only, so no remat.
-      self.left = vlm(c.backbone, dtype=dtype, param_dtype=_dtype(c.left_param_dtype),
-                      scan_layers=c.scan_layers)
+      self.left = vlm(c.backbone, dtype=_dtype(c.left_dtype),
+                      param_dtype=_dtype(c.left_param_dtype), scan_layers=c.scan_layers)
     self.right = vlm(c.backbone, dtype=dtype, param_dtype=param_dtype,
-                     remat_policy=c.remat_policy, scan_layers=c.scan_layers)
+                     remat_policy=c.remat_policy, scan_layers=c.scan_layers,
+                     lora=c.lora if c.lora.enabled else None)
     self.state_encoder = EmbodimentMLP(
         c.state_hidden_dim, c.backbone.text.hidden_size, num_embodiments=c.num_embodiments,
         axes=("state", "mlp", "embed"), dtype=dtype, param_dtype=param_dtype)
@@ -183,7 +210,7 @@ class TwinBrainVLA(nn.Module):
     left_text = self.left.model
     left, additions_left = self.left.embed_multimodal(obs["left_input_ids"], pixels,
                                                       image_grid_thw)  # [B, Ll, E]
-    left = left.astype(right.dtype)
+    left = left.astype(left_text.dtype)
     rope_left = left_text.rotary(obs["left_position_ids"])
     masks = asymot.joint_masks(obs["left_attention_mask"], obs["right_attention_mask"], c.mask_mode)
     if not c.scan_layers:
@@ -196,10 +223,12 @@ class TwinBrainVLA(nn.Module):
       left_len = left.shape[1]
       left_text.run_layers(left, *rope_left, masks.left[..., :left_len])
       right_text.run_layers(right, *rope_right, masks.right[..., left_len:])
+    # Low-rank adapter dropout (`lora.dropout`) runs when the caller passes a `dropout` rng.
+    dropout_rng = self.make_rng("dropout") if self.has_rng("dropout") else None
     hidden_left, hidden_right = asymot.asymot_scan(
         left_text.layer(), right_text.layer(), left_text.stacked_layer_params(),
         right_text.stacked_layer_params(), left, right, rope_left, rope_right, masks,
-        c.remat_policy, additions_left, additions_right)
+        c.remat_policy, additions_left, additions_right, dropout_rng=dropout_rng)
     return left_text.norm(hidden_left), right_text.norm(hidden_right)
 
   def encode(self, obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray
@@ -247,7 +276,11 @@ def compute_loss(model: TwinBrainVLA, params: Any, batch: Mapping[str, jax.Array
   """
   variables = {"params": params}
   loss_rng, dropout_rng = jax.random.split(rng)
-  context, context_mask = model.apply(variables, batch, image_grid_thw, method=TwinBrainVLA.encode)
+  # The brains draw dropout (only low-rank adapters have any) from their own stream.
+  brain_rngs = ({"dropout": jax.random.fold_in(dropout_rng, 1)}
+                if train and model.config.lora.dropout else {})
+  context, context_mask = model.apply(variables, batch, image_grid_thw, method=TwinBrainVLA.encode,
+                                      rngs=brain_rngs)
   kv = model.apply(variables, context, method=TwinBrainVLA.context_kv)
   repeated = flow_matching.repeat_batch(
       dict(kv=kv, mask=context_mask, state=batch["state"],
@@ -313,6 +346,73 @@ def init_right_from_left(left_params: Any, config: TwinBrainConfig, num_real_tok
   new_ids = jnp.array([config.action_token_id, config.propri_token_id])
   right["model"]["embed_tokens"]["embedding"] = table.at[new_ids].set(mean)
   return right
+
+
+def frozen_left_params(config: TwinBrainConfig, left: Mapping[str, Any]) -> dict[str, Any]:
+  """The left brain's params as the train state holds them: in `left_param_dtype`, and with
+  `left_quantization="int8"` its decoder kernels int8 with per-channel scales (the leaves may
+  be logically boxed)."""
+  dtype = _dtype(config.left_param_dtype)
+  left = jax.tree.map(lambda x: x.astype(dtype), dict(left))
+  if config.left_quantization == "int8":
+    model = dict(left["model"])
+    contracted = {name.rsplit("/", 1)[-1]: n for name, n in DECODER_PROJECTIONS.items()}
+    model["layers"] = quantize_kernels(model["layers"], contracted, prefix=1)
+    left["model"] = model
+  return left
+
+
+def split_trainable(config: TwinBrainConfig, params: Mapping[str, Any]
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A full `params` collection -> (frozen, trainable).
+
+  Frozen: the left brain (`frozen_left_params`) and, with low-rank adapters, the right brain's
+  base weights in `lora.base_param_dtype`. Trainable: the rest (with adapters, the right brain's
+  adapters alone). `layers.merge_trees(frozen, trainable)` is the collection again.
+  """
+  trainable = dict(params)
+  frozen = {}
+  if "left" in trainable:
+    frozen["left"] = frozen_left_params(config, trainable.pop("left"))
+  if config.lora.enabled:
+    base, trainable["right"] = split_adapters(trainable["right"])
+    dtype = _dtype(config.lora.base_param_dtype)
+    frozen["right"] = jax.tree.map(lambda x: x.astype(dtype), base)
+  return frozen, trainable
+
+
+def merged_adapter_params(config: TwinBrainConfig, params: Mapping[str, Any]) -> dict[str, Any]:
+  """The full `params` collection with the right brain's adapters folded into its kernels
+  (`W + alpha / rank * A B`, float32 kernels): the params of the same model without adapters."""
+  params = dict(params)
+  if config.lora.enabled:
+    params["right"] = merge_adapters(params["right"], config.lora.scale, jnp.float32)
+  return params
+
+
+def left_keys_values(config: TwinBrainConfig, left_params: Mapping[str, Any],
+                     obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray
+                     ) -> tuple[jax.Array, jax.Array]:
+  """The left brain's keys and values at every layer, as the right brain reads them.
+
+  The left stream does not depend on the right one (outside `full_joint`), so these are the
+  left brain's own prefill cache. `left_params` is `state.frozen["left"]` (int8 kernels are
+  dequantized as the joint scan does).
+
+  Returns:
+    (keys, values), each [layers, B, Ll, Hkv, D] float32 (RoPE applied to the keys).
+  """
+  backbone = backbones.model_class(config.backbone)(
+      config.backbone, dtype=_dtype(config.left_dtype),
+      param_dtype=_dtype(config.left_param_dtype), scan_layers=config.scan_layers)
+  left = dict(left_params)
+  left["model"] = dequantize_kernels(left["model"], _dtype(config.left_param_dtype))
+  ids, mask = obs["left_input_ids"], obs["left_attention_mask"]
+  cache = qwen25vl.KVCache.init(config.backbone.text, ids.shape[0], ids.shape[1], jnp.float32)
+  out = backbone.apply({"params": left}, ids, mask, obs["pixel_values"], image_grid_thw,
+                       obs["left_position_ids"], cache)
+  layers = out["cache"].layers
+  return jnp.stack([kv.k for kv in layers]), jnp.stack([kv.v for kv in layers])
 
 
 def scanned_params_from_unrolled(params: Mapping[str, Any], config: TwinBrainConfig

@@ -289,13 +289,38 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
     return None if a == b else (path, a, b)
 
   for block in COMPATIBLE_BLOCKS:
-    found = first_difference(saved.get(block, {}), current.get(block, {}), block)
+    old_block, new_block = _comparable(saved.get(block, {})), _comparable(current.get(block, {}))
+    # The adapter rank first: it tells full fine-tuning from adapters.
+    ranks = old_block["lora"]["rank"], new_block["lora"]["rank"]
+    found = ((f"{block}.lora.rank", *ranks) if ranks[0] != ranks[1]
+             else first_difference(old_block, new_block, block))
     if found:
       field, old, new = found
+      hint = ""
+      if field.startswith("model.lora"):
+        hint = (" A full fine-tuning checkpoint cannot resume as a low-rank adapter run, nor the "
+                "reverse (nor with another rank or targets): they hold different trainable "
+                "params and optimizer state.")
       raise IncompatibleCheckpointError(
           f"The checkpoint {where} was written for another model: config.{field} is {old!r} "
-          f"there but {new!r} now. Resume with the config it was trained with, or use another "
-          "--workdir / checkpoint.dir.")
+          f"there but {new!r} now.{hint} Resume with the config it was trained with, or use "
+          "another --workdir / checkpoint.dir.")
+
+
+def _comparable(model: Any) -> Any:
+  """A `model` config block with fields that do not change the model left out or filled in:
+  the adapter settings when `lora.rank` is 0 (or absent: written before adapters existed), and
+  `left_quantization` / `left_dtype` as runs before those fields had them ("none", the compute
+  dtype)."""
+  if not isinstance(model, Mapping):
+    return {}
+  model = dict(model)
+  if not (model.get("lora") or {}).get("rank"):
+    model["lora"] = {"rank": 0}
+  model.setdefault("left_quantization", "none")
+  if "dtype" in model:
+    model.setdefault("left_dtype", model["dtype"])
+  return model
 
 
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:

@@ -12,6 +12,12 @@
 
 `load_bundle` imports only the model, the tokenizer and orbax (no optimizer, no data pipeline),
 so a serving process can load a bundle without the training stack.
+
+A run with low-rank adapters (`model.lora.rank > 0`) is exported with its adapters folded into
+the right brain's kernels (`W + alpha / rank * A B`, in float32 before the cast to the bundle's
+dtype), and the bundle's config says `model.lora.rank = 0` (the run's adapters are kept under
+`export.merged_lora`): `Policy` and the server load it as any other bundle. `merge_lora=False`
+keeps the adapters as separate params instead.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import ml_collections
 import numpy as np
 
 from twinbrain_jax.models import families
+from twinbrain_jax.models.layers import KERNEL_SCALE
 from twinbrain_jax.models.tokenizer import QwenTokenizer
+from twinbrain_jax.models.twinbrain import merged_adapter_params
 
 PARAMS_DIR, CONFIG_FILE, NORM_STATS_FILE, TOKENIZER_DIR = (
     "params", "config.json", "norm_stats.json", "tokenizer")
@@ -41,7 +49,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
                   norm_stats: Mapping[str, Any], tokenizer_dir: str | os.PathLike,
                   out_dir: str | os.PathLike, dtype: str = "bfloat16",
-                  obs_format: str | None = None) -> pathlib.Path:
+                  obs_format: str | None = None, merge_lora: bool = True) -> pathlib.Path:
   """Writes an inference bundle.
 
   Args:
@@ -49,9 +57,11 @@ def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
     config: the resolved config as JSON data (`checkpoint.config_to_json`).
     norm_stats: dataset name -> norm stats JSON (from the checkpoint).
     tokenizer_dir: a directory holding `tokenizer.json` (every file in it is copied).
-    dtype: storage dtype of every parameter ("float32", "bfloat16", "float16").
+    dtype: storage dtype of every floating-point parameter ("float32", "bfloat16", "float16");
+      int8 kernels of a quantized left brain and their float32 scales are kept as they are.
     obs_format: recorded as `serving.obs_format`: the observation layout `scripts/serve.py`
       serves by default (a name of `serving.formats.FORMATS`).
+    merge_lora: fold low-rank adapters into the kernels (the bundle has none).
   """
   if dtype not in _DTYPES:
     raise ValueError(f"Unknown export dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
@@ -64,13 +74,16 @@ def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
   if not (source / "tokenizer.json").exists():
     raise FileNotFoundError(f"{source} has no tokenizer.json; pass the run's tokenizer dir.")
   schemas = _lerobot_schemas(config)  # Before anything is written: the data must be readable.
+  config = dict(config)
+  if merge_lora:
+    params, config = _merged_lora(params, config)
   out.mkdir(parents=True)
-  cast = jax.tree.map(lambda x: jnp.asarray(x, _DTYPES[dtype]), dict(params))
+  cast = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if _kept_dtype(path, x) else jnp.asarray(x, _DTYPES[dtype]), dict(params))
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(out / PARAMS_DIR, cast)
     checkpointer.wait_until_finished()
-  config = dict(config)
-  config["export"] = dict(dtype=dtype)
+  config["export"] = dict(config.get("export") or {}, dtype=dtype)
   if obs_format is not None:
     config["serving"] = dict(config.get("serving") or {}, obs_format=obs_format)
   (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
@@ -80,6 +93,26 @@ def export_bundle(params: Mapping[str, Any], config: Mapping[str, Any],
     (out / LEROBOT_META_DIR / str(index) / info.parent.name).mkdir(parents=True)
     shutil.copy(info, out / LEROBOT_META_DIR / str(index) / info.parent.name / info.name)
   return out
+
+
+def _kept_dtype(path: Any, leaf: Any) -> bool:
+  """Int8 kernels and their scales keep their dtypes in a bundle."""
+  return (not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)
+          or getattr(path[-1], "key", None) == KERNEL_SCALE)
+
+
+def _merged_lora(params: Mapping[str, Any], config: Mapping[str, Any]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(params, config) of the same model without adapters when the run had any."""
+  lora = dict(config.get("model", {}).get("lora") or {})
+  if families.family(config) != "twinbrain" or not lora.get("rank"):
+    return dict(params), dict(config)
+  model_config = families.model_config(ml_collections.ConfigDict(dict(config)))
+  params = merged_adapter_params(model_config, params)
+  config = json.loads(json.dumps(config))  # A deep copy: the caller's config is left as it was.
+  config["model"]["lora"]["rank"] = 0
+  config["export"] = dict(config.get("export") or {}, merged_lora=lora)
+  return params, config
 
 
 def _lerobot_schemas(config: Mapping[str, Any]) -> dict[int, pathlib.Path]:
@@ -224,7 +257,7 @@ def _run_tokenizer_dir(config_json: Mapping[str, Any],
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       dtype: str = "bfloat16", step: int | None = None,
                       tokenizer_dir: str | os.PathLike | None = None,
-                      obs_format: str | None = None) -> pathlib.Path:
+                      obs_format: str | None = None, merge_lora: bool = True) -> pathlib.Path:
   """Exports the latest (or `step`'s) checkpoint of a training run as an inference bundle.
 
   The config and norm stats come from the checkpoint itself; the tokenizer from
@@ -232,7 +265,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
   """
   params, config_json, norm_stats = restore_checkpoint(checkpoint_dir, step)
   return export_bundle(params, config_json, norm_stats,
-                       _run_tokenizer_dir(config_json, tokenizer_dir), out_dir, dtype, obs_format)
+                       _run_tokenizer_dir(config_json, tokenizer_dir), out_dir, dtype, obs_format,
+                       merge_lora)
 
 
 def bundle_from_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None,

@@ -28,6 +28,13 @@ from twinbrain_jax.training.loop import image_size
 # compile and gives the same bytes (docs/training.md).
 PLAN_ONLY_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                                   "xla_llvm_disable_expensive_passes": True}
+# XLA:CPU has no bf16 matmul: it converts bf16 operands to f32, and its loop-invariant code
+# motion then converts a whole stack of bf16 weights (`[layers, ...]`, a frozen brain) to f32
+# ahead of the layer loop, once for the forward and once for the backward loop. A GPU or TPU
+# multiplies bf16 natively and holds no such copies, so the plan compiles without those passes
+# (`cpu_bf16_as_native`); the conversion then happens one layer at a time inside the loop.
+CPU_BF16_AS_NATIVE_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion,"
+                                                        "while-loop-expensive-invariant-code-motion"}
 
 
 @dataclasses.dataclass
@@ -88,11 +95,14 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, mesh) -> 
 
 
 def memory_plan(config: ml_collections.ConfigDict, batch_size: int | None = None,
-                compile_step: bool = True, fast_cpu_compile: bool = True) -> MemoryPlan:
+                compile_step: bool = True, fast_cpu_compile: bool = True,
+                cpu_bf16_as_native: bool = True) -> MemoryPlan:
   """The per-device memory of training `config` on its mesh over all devices.
 
   `fast_cpu_compile`: on CPU, compile without LLVM optimisation
-  (`PLAN_ONLY_CPU_COMPILER_OPTIONS`); the step is never executed.
+  (`PLAN_ONLY_CPU_COMPILER_OPTIONS`); the step is never executed. `cpu_bf16_as_native`: on
+  CPU, keep bf16 weights from being converted to f32 a whole layer stack at a time
+  (`CPU_BF16_AS_NATIVE_OPTIONS`).
   """
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.logical_axis_rules(config.logical_axis_rules, mesh)
@@ -113,9 +123,11 @@ def memory_plan(config: ml_collections.ConfigDict, batch_size: int | None = None
       start = time.perf_counter()
       lowered = jitted.lower(abstract, batch)
       lower_seconds = time.perf_counter() - start
-      options = (PLAN_ONLY_CPU_COMPILER_OPTIONS
-                 if fast_cpu_compile and jax.default_backend() == "cpu" else None)
-      compiled = lowered.compile(options)
+      options = {}
+      if jax.default_backend() == "cpu":
+        options.update(PLAN_ONLY_CPU_COMPILER_OPTIONS if fast_cpu_compile else {})
+        options.update(CPU_BF16_AS_NATIVE_OPTIONS if cpu_bf16_as_native else {})
+      compiled = lowered.compile(options or None)
       compile_seconds = time.perf_counter() - start - lower_seconds
     analysis = compiled.memory_analysis()
     temp, argument = int(analysis.temp_size_in_bytes), int(analysis.argument_size_in_bytes)
@@ -130,9 +142,18 @@ def memory_plan(config: ml_collections.ConfigDict, batch_size: int | None = None
       alias_bytes=alias, lower_seconds=lower_seconds, compile_seconds=compile_seconds)
 
 
+class DoesNotFit(ValueError):
+  """Not even one sample per data-parallel device fits; `plan` is that batch's plan."""
+
+  def __init__(self, message: str, plan: MemoryPlan):
+    super().__init__(message)
+    self.plan = plan
+
+
 def largest_fitting_batch(config: ml_collections.ConfigDict, budget_bytes: int,
                           max_per_device: int = 4096, log=print,
-                          fast_cpu_compile: bool = True) -> tuple[MemoryPlan, MemoryPlan]:
+                          fast_cpu_compile: bool = True, cpu_bf16_as_native: bool = True
+                          ) -> tuple[MemoryPlan, MemoryPlan]:
   """The largest global batch whose compiled step fits `budget_bytes` per device.
 
   Every figure comes from a compiled step. Batches are multiples of the data-parallel size
@@ -145,7 +166,7 @@ def largest_fitting_batch(config: ml_collections.ConfigDict, budget_bytes: int,
     (the plan of the largest fitting batch, the plan of the next batch, which does not fit).
 
   Raises:
-    ValueError: not even a batch of one sample per data-parallel device fits.
+    DoesNotFit: not even a batch of one sample per data-parallel device fits.
   """
   mesh_size = sharding_lib.data_parallel_size(sharding_lib.make_mesh(config.mesh))
   step = mesh_size * int(config.train.grad_accum_steps)
@@ -154,7 +175,8 @@ def largest_fitting_batch(config: ml_collections.ConfigDict, budget_bytes: int,
   def plan(per_device: int) -> MemoryPlan:
     if per_device not in plans:
       plans[per_device] = memory_plan(config, per_device * step,
-                                      fast_cpu_compile=fast_cpu_compile)
+                                      fast_cpu_compile=fast_cpu_compile,
+                                      cpu_bf16_as_native=cpu_bf16_as_native)
       log(f"  batch {per_device * step}: {plans[per_device].total_bytes / 2**30:.2f} GiB "
           f"per device (compile {plans[per_device].compile_seconds:.0f} s)")
     return plans[per_device]
@@ -165,9 +187,9 @@ def largest_fitting_batch(config: ml_collections.ConfigDict, budget_bytes: int,
     return a + int((budget_bytes - plan(a).total_bytes) // slope)
 
   if plan(1).total_bytes > budget_bytes:
-    raise ValueError(f"Even a batch of {step} (1 per data-parallel device) needs "
+    raise DoesNotFit(f"Even a batch of {step} (1 per data-parallel device) needs "
                      f"{plan(1).total_bytes / 2**30:.1f} GiB per device > the budget "
-                     f"{budget_bytes / 2**30:.1f} GiB; use more devices or remat.")
+                     f"{budget_bytes / 2**30:.1f} GiB; use more devices or remat.", plan(1))
   fits, too_big, guess, bisect, probed = 1, max_per_device + 1, 2, False, False
   while too_big - fits > 1:
     if plan(guess).total_bytes <= budget_bytes:

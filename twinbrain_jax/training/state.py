@@ -2,11 +2,16 @@
 
     state = TrainState(step, params={right, state_encoder, action_expert}, frozen={left},
                        opt_state, rng)                                        (TwinBrain)
+    state = TrainState(step, params={right: adapters, state_encoder, action_expert},
+                       frozen={left, right: base weights}, opt_state, rng)   (TwinBrain, LoRA)
     state = TrainState(step, params={planner, plan_head, refiner},
                        frozen={curriculum: {planner_passed}}, opt_state, rng)  (Libra)
 
 The frozen left brain lives in `frozen`, outside the differentiated and optimised tree: it never
-gets gradients or optimizer state, and is stored in `model.left_param_dtype` (bf16). Every leaf
+gets gradients or optimizer state, and is stored in `model.left_param_dtype` (bf16; int8
+decoder kernels with `model.left_quantization="int8"`). With low-rank adapters
+(`model.lora.rank > 0`) the right brain's base weights are frozen too (in
+`model.lora.base_param_dtype`) and only its adapters train (`twinbrain.split_trainable`). Every leaf
 of the state (optimizer moments included) carries the `NamedSharding` its logical axes map to, so
 `jax.jit(init, out_shardings=...)` creates each shard directly on its device.
 """
@@ -28,7 +33,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
 from twinbrain_jax.models import families, hf_loading, libra, siglip
-from twinbrain_jax.models.twinbrain import (TwinBrainConfig, TwinBrainVLA, init_right_from_left,
+from twinbrain_jax.models.layers import merge_trees
+from twinbrain_jax.models.twinbrain import (TwinBrainConfig, TwinBrainVLA, frozen_left_params,
+                                            init_right_from_left, split_trainable,
                                             synthetic_observation)
 
 
@@ -38,8 +45,10 @@ class TrainState:
 
   Attributes:
     step: int32 [] optimizer steps taken.
-    params: trainable params `{right, state_encoder, action_expert}`.
-    frozen: `{left}` for the twinbrain variant, `{}` for monolithic; never updated. Libra:
+    params: trainable params `{right, state_encoder, action_expert}` (with low-rank adapters,
+      `right` holds the adapters only).
+    frozen: `{left}` for the twinbrain variant, `{}` for monolithic, plus `right` (the right
+      brain's base weights) with low-rank adapters; never updated. Libra:
       `{curriculum: {planner_passed}}`, the dynamic curriculum's latch, set by the train step
       (never by the optimizer).
     opt_state: the optimizer's state of `params`.
@@ -54,7 +63,7 @@ class TrainState:
 
   def all_params(self) -> dict[str, Any]:
     """The model's full `params` collection."""
-    return {**self.frozen, **self.params}
+    return merge_trees(self.frozen, self.params)
 
 
 def model_config(config: ml_collections.ConfigDict) -> families.ModelConfig:
@@ -78,9 +87,10 @@ def _init_fn(model: TwinBrainVLA, tx: optax.GradientTransformation, seed: int):
   def init() -> TrainState:
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
     params = dict(model.init(init_rng, obs, grid, noisy, t)["params"])
-    frozen = {"left": params.pop("left")} if "left" in params else {}
     if isinstance(model, libra.LibraVLA):
       frozen = libra.initial_frozen()
+    else:
+      frozen, params = split_trainable(model.config, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                       opt_state=tx.init(nn.unbox(params)), rng=train_rng)
 
@@ -147,8 +157,10 @@ def load_pretrained_backbones(state: TrainState, shardings: TrainState, model_cf
   """Replaces both brains by a Hugging Face Qwen2.5-VL / Qwen3-VL checkpoint (left and right
   alike).
 
-  The right brain holds the checkpoint's values in `model_cfg.param_dtype`, the frozen left
-  brain their cast to `model_cfg.left_param_dtype`; both carry the shardings of `shardings`.
+  The right brain holds the checkpoint's values in `model_cfg.param_dtype` (with low-rank
+  adapters: in `model_cfg.lora.base_param_dtype`, frozen, the adapters left as initialised), the
+  frozen left brain their cast to `model_cfg.left_param_dtype` (int8 kernels with
+  `left_quantization="int8"`); all carry the shardings of `shardings`.
   The right brain's `<|action|>` / `<|propri|>` rows start at the mean of the real token
   embeddings; the real tokens are the ids below the first of the two (the released tokenizer
   has 151665 tokens, and the tiny presets reserve the last rows).
@@ -161,20 +173,26 @@ def load_pretrained_backbones(state: TrainState, shardings: TrainState, model_cf
   # Read once in the trainable dtype: the right brain gets the checkpoint's values (not a copy
   # of the bf16-rounded left brain), the left brain their cast to its storage dtype.
   right_dtype = jnp.dtype(model_cfg.param_dtype)
-  left_dtype = jnp.dtype(model_cfg.left_param_dtype)
   loaded = hf_loading.load_params(hf_checkpoint, hf_config, param_dtype=right_dtype, mesh=mesh,
                                   rules=rules)
   num_real = min(model_cfg.action_token_id, model_cfg.propri_token_id)
+  lora = model_cfg.lora.enabled
+  if lora:
+    right_dtype = jnp.dtype(model_cfg.lora.base_param_dtype)
   with jax.set_mesh(mesh):
     right = jax.jit(functools.partial(init_right_from_left, config=model_cfg,
                                       num_real_tokens=num_real, param_dtype=right_dtype),
-                    out_shardings=shardings.params["right"])(loaded)
-    frozen = dict(state.frozen)
+                    out_shardings=(shardings.frozen if lora else shardings.params)["right"])(loaded)
+    frozen, params = dict(state.frozen), dict(state.params)
+    if lora:
+      frozen["right"] = right
+    else:
+      params["right"] = right
     if "left" in frozen:
-      frozen["left"] = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(left_dtype), tree),
+      frozen["left"] = jax.jit(functools.partial(frozen_left_params, model_cfg),
                                out_shardings=shardings.frozen["left"])(loaded)
   del loaded
-  return state.replace(params=dict(state.params, right=right), frozen=frozen)
+  return state.replace(params=params, frozen=frozen)
 
 
 def load_pretrained_libra(state: TrainState, shardings: TrainState, model_cfg: libra.LibraConfig,

@@ -4,8 +4,8 @@
     train_step = jit_train_step(step, state_shardings, batch_shardings(mesh, batch))
     state, metrics = train_step(state, batch)                  # `state` is donated
 
-The frozen left brain is passed to the loss as a constant (`state.frozen`), so it is never
-differentiated. For Libra, `state.frozen` holds the dynamic curriculum's latch instead, which the
+The frozen left brain (and, with low-rank adapters, the right brain's base weights) is passed
+to the loss as a constant (`state.frozen`), so it is never differentiated. For Libra, `state.frozen` holds the dynamic curriculum's latch instead, which the
 step updates from the batch's token accuracy; the loss's parts are reported in the metrics.
 Gradient accumulation scans over micro-batches inside the step: one call is one optimizer step
 whatever the accumulation.
@@ -26,6 +26,7 @@ from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
 from twinbrain_jax.models import libra
 from twinbrain_jax.models.families import Model
+from twinbrain_jax.models.layers import merge_trees
 from twinbrain_jax.models.twinbrain import compute_loss
 from twinbrain_jax.training.state import TrainState
 
@@ -121,7 +122,8 @@ def make_loss_fn(model: Model, image_grid_thw: np.ndarray, num_repeats: int,
       return libra.compute_loss(model, params, frozen, batch, grid, rng, num_repeats, train)
   else:
     def loss_fn(params, frozen, batch, rng):
-      return compute_loss(model, {**frozen, **params}, batch, grid, rng, num_repeats, train), {}
+      return compute_loss(model, merge_trees(frozen, params), batch, grid, rng, num_repeats,
+                          train), {}
 
   return loss_fn
 
