@@ -8,22 +8,16 @@ N = num_bins, M = num_segments, H = segment_length; data.action_horizon = L = M 
 Any field can be overridden on the command line, e.g. `--config.model.curriculum=none`.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 from ml_collections import config_dict
 
-from twinbrain_jax.config_lib import select_preset
+from twinbrain_jax.config_lib import preset_from_file, select_preset
 
 
 def _twinbrain(preset: str) -> ml_collections.ConfigDict:
-  """`configs/twinbrain.py:<preset>` (loaded by path: `configs/` is not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "twinbrain_config", pathlib.Path(__file__).with_name("twinbrain.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return preset_from_file(pathlib.Path(__file__).with_name("twinbrain.py"), preset)
 
 
 def _libra(preset: str, *, head: dict, siglip: dict, num_segments: int = 2,

@@ -5,7 +5,11 @@ backbone (`model.backbone.family="qwen3vl"`, DeepStack in both brains) as `qwen3
 (tests) and `qwen3vl_4b` (the paper's best TwinBrainVLA, Qwen3-VL-4B-Instruct), and the
 Meta-World MT10 closed-loop runs (docs/metaworld.md), CPU-trainable: `metaworld_tiny`
 (TwinBrain), `metaworld_tiny_monolithic` (one VLM, no left brain) and `metaworld_tiny_blind`
-(TwinBrain trained and evaluated with every instruction replaced by ""). `<preset>_lora`
+(TwinBrain trained and evaluated with every instruction replaced by ""),
+`metaworld_tiny_qwen3vl` (`metaworld_tiny` on the `qwen3vl_tiny` backbone) and
+`metaworld_tiny_monolithic_cotrain` (the monolithic baseline co-trained on Meta-World VQA:
+`data.weights` sets the share of VQA samples, `train.answer_loss_weight` the weight of the
+answer-only next-token loss; docs/vqa.md). `<preset>_lora`
 (`qwen25vl_3b_lora`, `qwen25vl_7b_lora`, `qwen3vl_4b_lora`, `metaworld_tiny_lora`) trains the
 right brain through low-rank adapters (`model.lora`) instead of fully.
 Any field can be overridden on the command line, e.g. `--config.mesh.fsdp=4`.
@@ -63,7 +67,9 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   vision = c.model.backbone.vision
   c.data.pad_to_multiple = vision.patch_size * vision.spatial_merge_size  # 28, or 32 (Qwen3-VL)
   # Pipeline batch -> model batch (twinbrain_jax/inputs.py): fixed, left-padded prompt lengths.
-  c.inputs = ml_collections.ConfigDict(dict(max_left_tokens=128, max_right_tokens=160))
+  # max_lm_tokens: question-answer rows (prompt + answer) for co-training; 0 = none.
+  c.inputs = ml_collections.ConfigDict(dict(max_left_tokens=128, max_right_tokens=160,
+                                            max_lm_tokens=0))
   m = c.model
   m.variant = "twinbrain"  # or "monolithic": one trainable VLM, no left brain (Qwen-GR00T)
   m.mask_mode = "all_left"  # or "index_causal" (public-code alignment), "full_joint" (ablation)
@@ -100,11 +106,12 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
   # chunk every replan_steps, CogACT adaptive ensembling (horizon 7, alpha 0.1 on WidowX).
   c.execution = ml_collections.ConfigDict(dict(
       replan_steps=1, ensemble="adaptive", horizon=7, temporal_k=0.01, adaptive_alpha=0.1))
-  # Initial weights: left and right brains from one HF Qwen2.5-VL / Qwen3-VL dir (None = random
-  # init);
-  # the tokenizer dir defaults to the checkpoint's.
+  # Initial weights: left and right brains from one HF Qwen2.5-VL / Qwen3-VL dir, or from the
+  # backbone of a VLM run's checkpoint dir (configs/vlm.py; None = random init); the tokenizer
+  # dir defaults to the HF checkpoint's.
   c.init = ml_collections.ConfigDict(dict(
-      hf_checkpoint=config_dict.placeholder(str), tokenizer=config_dict.placeholder(str)))
+      hf_checkpoint=config_dict.placeholder(str), vlm_checkpoint=config_dict.placeholder(str),
+      tokenizer=config_dict.placeholder(str)))
   # Training (twinbrain_jax/training): the starVLA OXE recipe. Paths are relative to --workdir.
   c.train = ml_collections.ConfigDict(dict(
       num_steps=40_000, grad_accum_steps=1, log_every=50, eval_every=1000, eval_batches=8,
@@ -112,7 +119,10 @@ def _base(backbone: str) -> ml_collections.ConfigDict:
       eval_data_dir=config_dict.placeholder(str), eval_split="train",
       # Dense bf16 peak of one H100 SXM, for MFU.
       peak_flops_per_device=989e12, progress_bar=True,
-      tensorboard_dir="tensorboard"))
+      tensorboard_dir="tensorboard",
+      # Co-training: weight of the right brain's answer-only next-token loss on the batch's
+      # question-answer samples, added to the flow-matching loss (0 = none).
+      answer_loss_weight=0.0))
   c.train.optimizer = ml_collections.ConfigDict(dict(
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-8, clip_norm=1.0, warmup_steps=5000,
       min_lr=5e-7, lr=ml_collections.ConfigDict(dict(
@@ -142,10 +152,10 @@ def _tiny(backbone: str = "tiny"):
   return c
 
 
-def _metaworld_tiny():
+def _metaworld_tiny(backbone: str = "tiny"):
   """The `tiny` backbone on Meta-World MT10 (`scripts/make_metaworld_dataset.py`): 112 px frames,
   4-D state and action, chunks of 8 steps, executed 4 at a time (a new chunk every 4 steps)."""
-  c = _tiny()
+  c = _tiny(backbone)
   c.data.update(datasets=("metaworld",), weights=(1.0,), state_dim=4, action_dim=4,
                 action_horizon=8, batch_size=32, read_threads=2, prefetch_batches=4)
   c.data.augment.update(crop_scale=(0.95, 1.0), hue=0.0)  # Fixed camera: mild augmentation.
@@ -177,6 +187,16 @@ def _metaworld_demo():
 def _metaworld_tiny_monolithic():
   c = _metaworld_tiny()
   c.model.variant = "monolithic"
+  return c
+
+
+def _metaworld_tiny_monolithic_cotrain():
+  """`metaworld_tiny_monolithic` whose batches mix Meta-World VQA samples in (one in five) and
+  add the right brain's answer-only next-token loss (weight 1) to the flow-matching loss."""
+  c = _metaworld_tiny_monolithic()
+  c.data.update(datasets=("metaworld", "metaworld_vqa"), weights=(1.0, 0.25))
+  c.inputs.max_lm_tokens = 128
+  c.train.answer_loss_weight = 1.0
   return c
 
 
@@ -247,6 +267,8 @@ PRESETS = dict(tiny=_tiny, small=_small, qwen25vl_3b=_qwen25vl_3b, qwen25vl_7b=_
                metaworld_mt50=_metaworld_mt50,
                metaworld_mt50_monolithic=_metaworld_mt50_monolithic,
                metaworld_tiny_blind=_metaworld_tiny_blind,
+               metaworld_tiny_qwen3vl=lambda: _metaworld_tiny("qwen3vl_tiny"),
+               metaworld_tiny_monolithic_cotrain=_metaworld_tiny_monolithic_cotrain,
                # One-GPU fine-tuning: low-rank adapters on the right brain (docs/training.md).
                qwen25vl_3b_lora=lambda: _lora(_qwen25vl_3b(), 16, right_lr=1e-4),
                qwen25vl_7b_lora=lambda: _lora(_qwen25vl_7b(), 16, right_lr=1e-4),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 from collections.abc import Callable, Mapping
 
 import ml_collections
@@ -22,3 +24,12 @@ def select_preset(arg: str | None, presets: Mapping[str, Callable[[], ml_collect
   config = presets[name]()
   config.preset = name
   return config
+
+
+def preset_from_file(path: str | pathlib.Path, preset: str) -> ml_collections.ConfigDict:
+  """`<path>:<preset>` of a config file loaded by path (`configs/` is not a package), so one
+  config file can start from another's presets."""
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + "_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)

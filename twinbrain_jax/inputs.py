@@ -12,6 +12,11 @@ the policy compile once.
 
 Libra-VLA's planner reads the left prompt only (`LibraConfig.prompt_sides`), and its refiner the
 current frame for SigLIP (`LibraInputs`).
+
+    question-answer rows  the left prompt's turn with the question as its text, followed by the
+                  answer and <|im_end|> (`answer_loss.answer_rows`): the `lm_*` keys that the
+                  VLM (`VlmInputs`) and a co-trained VLA (`max_lm_tokens > 0` and an `answer` in
+                  the batch) train on
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from twinbrain_jax.answer_loss import answer_rows
 from twinbrain_jax.data import transforms
 from twinbrain_jax.models.image_processor import preprocess_images, processor_settings
 from twinbrain_jax.models.libra import LibraConfig
 from twinbrain_jax.models.qwen25vl import get_rope_index
-from twinbrain_jax.models.tokenizer import QwenTokenizer, left_pad, num_image_tokens
+from twinbrain_jax.models.tokenizer import IM_END, QwenTokenizer, left_pad, num_image_tokens
 from twinbrain_jax.models.twinbrain import TwinBrainConfig
+from twinbrain_jax.models.vlm import VlmConfig
 
 RIGHT_PROMPT = "Instruction: {instruction}\nAction Query: "
 
@@ -43,12 +50,14 @@ class ModelInputs:
     max_left_tokens, max_right_tokens: fixed prompt lengths (left padding).
     image_size: (H, W) the pipeline delivers; multiples of patch x merge (28 for Qwen2.5-VL, 32
       for Qwen3-VL) so images are not resized again.
+    max_lm_tokens: fixed length of the question-answer rows (0: none are built).
   """
   config: TwinBrainConfig
   tokenizer: QwenTokenizer
   max_left_tokens: int
   max_right_tokens: int
   image_size: tuple[int, int] = (224, 224)
+  max_lm_tokens: int = 0
 
   def __post_init__(self):
     factor = self.config.backbone.vision.patch_size * self.config.backbone.vision.spatial_merge_size
@@ -108,8 +117,26 @@ class ModelInputs:
       out[f"{side}_position_ids"] = get_rope_index(ids, grid, mask, c.backbone)[0]
     return out
 
+  def answer_rows(self, questions: Sequence[Any], answers: Sequence[Any]
+                  ) -> dict[str, np.ndarray]:
+    """Question-answer rows: `lm_input_ids`, `lm_attention_mask`, `lm_targets` [B, L] int32,
+    `lm_loss_mask` [B, L] float32 (1 on answer targets only) and `lm_position_ids` [3, B, L],
+    L = `max_lm_tokens`. An empty answer gives a row without targets."""
+    tok, backbone = self.tokenizer, self.config.backbone
+    grid = self.image_grid_thw(len(questions))
+    image_tokens = num_image_tokens(grid, backbone.vision.spatial_merge_size)
+    prompts = [tok.encode_chat(_text(q), [n]) for q, n in zip(questions, image_tokens)]
+    answer_ids = [tok.encode(_text(a)) + [tok.special_ids[IM_END]] if _text(a) else []
+                  for a in answers]
+    rows = answer_rows(prompts, answer_ids, self.max_lm_tokens, tok.pad_id)
+    out = {f"lm_{key}": value for key, value in rows.items()}
+    out["lm_position_ids"] = get_rope_index(rows["input_ids"], grid, rows["attention_mask"],
+                                            backbone)[0]
+    return out
+
   def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The model batch: prompts, `pixel_values`, `state`, and the training targets if present."""
+    """The model batch: prompts, `pixel_values`, `state`, the training targets if present, and
+    the question-answer rows when `max_lm_tokens > 0` and the batch has answers."""
     for key in ("image", "instruction", "state"):
       if key not in batch:
         raise KeyError(f"The batch has no {key!r}; the data pipeline must provide image, "
@@ -124,6 +151,34 @@ class ModelInputs:
     for key in ("actions", "action_mask", "embodiment_id"):
       if key in batch:
         out[key] = np.asarray(batch[key])
+    if self.max_lm_tokens and "answer" in batch:
+      out.update(self.answer_rows(batch["instruction"], batch["answer"]))
+    return out
+
+
+def _text(value: Any) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class VlmInputs(ModelInputs):
+  """`ModelInputs` for the VLM: question-answer rows (`image`, `instruction` = the question and
+  `answer` of a batch) and `pixel_values`, nothing else."""
+  config: VlmConfig
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.max_lm_tokens < 1:
+      raise ValueError("The VLM needs inputs.max_lm_tokens > 0 (its question-answer row length).")
+
+  def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for key in ("image", "instruction", "answer"):
+      if key not in batch:
+        raise KeyError(f"The batch has no {key!r}; a VLM trains on question-answer data whose "
+                       f"registry entry has text_keys with 'answer' (e.g. metaworld_vqa); got "
+                       f"{sorted(batch)}.")
+    out = self.answer_rows(batch["instruction"], batch["answer"])
+    out["pixel_values"] = self.pixel_values(np.asarray(batch["image"]))
     return out
 
 
@@ -146,8 +201,14 @@ class LibraInputs(ModelInputs):
 
 
 def model_inputs_for(model_config: Any, tokenizer: QwenTokenizer, max_left_tokens: int,
-                     max_right_tokens: int, image_size: tuple[int, int]) -> ModelInputs:
-  """The inputs of a model config's family: `LibraInputs` for Libra, else `ModelInputs`."""
-  cls = LibraInputs if isinstance(model_config, LibraConfig) else ModelInputs
+                     max_right_tokens: int, image_size: tuple[int, int], max_lm_tokens: int = 0
+                     ) -> ModelInputs:
+  """The inputs of a model config's family: `LibraInputs` for Libra, `VlmInputs` for the VLM,
+  else `ModelInputs`."""
+  cls = ModelInputs
+  if isinstance(model_config, LibraConfig):
+    cls = LibraInputs
+  elif isinstance(model_config, VlmConfig):
+    cls = VlmInputs
   return cls(model_config, tokenizer, int(max_left_tokens), int(max_right_tokens),
-             tuple(image_size))
+             tuple(image_size), int(max_lm_tokens))

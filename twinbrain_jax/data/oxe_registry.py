@@ -53,6 +53,8 @@ class DatasetSpec:
     state_normalize_mask: per state dim, True to map q01..q99 to [-1, 1].
     registry_name: the registry entry this spec comes from; differs from `name` when a
       `data.datasets` entry maps another directory to it (see `data.config.dataset_entries`).
+    text_keys: step key paths of further texts every sample carries under their own names
+      (question-answer data: "answer"); samples of other datasets in a mixture carry "".
   """
   name: str
   image_keys: tuple[str, ...]
@@ -66,6 +68,7 @@ class DatasetSpec:
   action_binarize_mask: tuple[bool, ...]
   state_normalize_mask: tuple[bool, ...]
   registry_name: str = ""
+  text_keys: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not self.registry_name:
@@ -212,7 +215,7 @@ OXE_DATASETS["metaworld_vqa"] = DatasetSpec(
     name="metaworld_vqa", image_keys=("image",), image_shape=(112, 112), language_key="question",
     lowdim_keys={"observation/state": (4,)}, standardize=standardize_vqa, action_dim=0,
     state_dim=4, action_normalize_mask=(), action_binarize_mask=(),
-    state_normalize_mask=(True,) * 4)
+    state_normalize_mask=(True,) * 4, text_keys=("answer", "question_type", "choices"))
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -35,6 +35,11 @@ Sample keys (one element; the batch adds a leading `[B]`):
                                            step after standardisation)
   episode_id     str                       the episode's own id (episode_metadata episode_id or
                                            file_path; "record <i>" if the dataset has neither)
+  <text key>     str                       every `text_keys` of the mixture's specs (e.g. the
+                                           VQA `answer`); "" for a dataset without it
+
+A dataset without actions (`action_dim` 0, question-answer data) gives samples whose
+`action_mask` is all False: in a co-training mixture they add no flow-matching target.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class SampleBuilder(grain.transforms.RandomMap):
     self._drop_instruction = bool(config.get("drop_instruction", False))
     self._augment = config.augment.to_dict() if (train and config.augment.enabled) else None
     self._state_dim, self._action_dim = state_dim, action_dim
+    self._text_keys = sorted({key for e in self._entries for key in e.spec.text_keys})
 
   def random_map(self, element, rng: np.random.Generator) -> dict[str, Any]:
     dataset_id, flat_index = element
@@ -118,6 +124,8 @@ class SampleBuilder(grain.transforms.RandomMap):
     actions = normalization.normalize(actions, stats.action, spec.action_normalize_mask,
                                       spec.action_binarize_mask)
     chunk, action_mask = transforms.action_chunk(actions, t, self._horizon, self._pad_mode)
+    if spec.action_dim == 0:
+      action_mask = np.zeros_like(action_mask)
     sample = {
         "image": self._images(episode, entry.source.cameras, t, rng),
         "state": model_state(states[t], stats.state, spec, self._state_dim),
@@ -129,6 +137,8 @@ class SampleBuilder(grain.transforms.RandomMap):
         "episode_index": np.int32(episode_index),
         "step_index": np.int32(t),
     }
+    for key in self._text_keys:
+      sample[key] = episode.text(t, key) if key in spec.text_keys else ""
     if self._num_cameras > 1:
       sample["image_mask"] = np.arange(self._num_cameras) < len(entry.source.cameras)
     if self._history > 1:

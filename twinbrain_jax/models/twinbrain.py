@@ -255,6 +255,14 @@ class TwinBrainVLA(nn.Module):
                               state=state, embodiment_id=embodiment_id,
                               deterministic=deterministic)
 
+  def answer_logits(self, obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray
+                    ) -> jax.Array:
+    """The right brain alone as a VLM on the question-answer rows (`lm_input_ids [B, L]`, ...;
+    `inputs.ModelInputs.answer_rows`), through its own language head: logits [B, L, vocab].
+    Co-training's answer loss reads them."""
+    return self.right(obs["lm_input_ids"], obs["lm_attention_mask"], obs["pixel_values"],
+                      image_grid_thw, obs["lm_position_ids"])["logits"]
+
   def __call__(self, obs: Mapping[str, jax.Array], image_grid_thw: np.ndarray,
                noisy_actions: jax.Array, t: jax.Array) -> jax.Array:
     """Brains + expert in one call (used by `init`)."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pathlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,7 +44,7 @@ import numpy as np
 from twinbrain_jax.data import config as data_config
 from twinbrain_jax.data import normalization, pipeline, transforms
 from twinbrain_jax.inputs import model_inputs_for
-from twinbrain_jax.models import libra, twinbrain
+from twinbrain_jax.models import libra, twinbrain, vlm
 from twinbrain_jax.serving.execution import ExecutionConfig
 from twinbrain_jax.training import export, loop
 
@@ -187,18 +186,10 @@ class Policy:
     """From an exported bundle (`scripts/export.py`) or a training checkpoint directory (the
     latest or `step`'s checkpoint); `kwargs` go to the constructor. A Libra bundle gives a
     `serving.libra.LibraPolicy` (`kwargs` may then name its `mode` and `blend_steps`)."""
-    path = pathlib.Path(path)
-    if not path.is_dir():
-      raise FileNotFoundError(f"{path} is not a directory; pass an exported bundle or a "
-                              "training run's checkpoint dir.")
-    if (path / export.CONFIG_FILE).exists():
-      bundle = export.load_bundle(path, compute_dtype)
-    else:
-      try:
-        bundle = export.bundle_from_checkpoint(path, step, tokenizer_dir, compute_dtype)
-      except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path} is neither an inference bundle (it has no "
-                                f"{export.CONFIG_FILE}) nor a training checkpoint dir: {e}") from e
+    bundle = export.load_bundle_or_checkpoint(path, step, tokenizer_dir, compute_dtype)
+    if isinstance(bundle.model, vlm.VisionLanguageModel):
+      raise ValueError(f"{path} holds a VLM (config.family='vlm'), not a policy; evaluate it with "
+                       "scripts/eval_vqa.py, or load it into a VLA with init.vlm_checkpoint.")
     if isinstance(bundle.model, libra.LibraVLA):
       from twinbrain_jax.serving.libra import LibraPolicy  # It builds on this module.
       return LibraPolicy(bundle, **kwargs)

@@ -283,3 +283,21 @@ def bundle_from_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None =
   params = jax.device_put(jax.device_get(params))  # Off the mesh, onto one device.
   return Bundle(model=families.build_model(families.model_config(config)),
                 params=params, config=config, norm_stats=norm_stats, tokenizer=tokenizer)
+
+
+def load_bundle_or_checkpoint(path: str | os.PathLike, step: int | None = None,
+                              tokenizer_dir: str | os.PathLike | None = None,
+                              compute_dtype: str | None = None) -> Bundle:
+  """An exported bundle (it has `config.json`) or a training run's checkpoint dir (the latest or
+  `step`'s whole checkpoint), as a `Bundle`."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path} is not a directory; pass an exported bundle or a "
+                            "training run's checkpoint dir.")
+  if (path / CONFIG_FILE).exists():
+    return load_bundle(path, compute_dtype)
+  try:
+    return bundle_from_checkpoint(path, step, tokenizer_dir, compute_dtype)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{path} is neither an inference bundle (it has no {CONFIG_FILE}) "
+                            f"nor a training checkpoint dir: {e}") from e

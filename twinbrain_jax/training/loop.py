@@ -31,7 +31,7 @@ from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
 from twinbrain_jax.data.pipeline import DataPipeline
 from twinbrain_jax.inputs import ModelInputs, model_inputs_for
-from twinbrain_jax.models import families, libra
+from twinbrain_jax.models import families, libra, vlm
 from twinbrain_jax.models.tokenizer import QwenTokenizer
 from twinbrain_jax.models.twinbrain import train_step_flops
 from twinbrain_jax.training import checkpoint as checkpoint_lib
@@ -76,15 +76,30 @@ def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
   return path
 
 
+def answer_loss_weight(config: ml_collections.ConfigDict) -> float:
+  """`train.answer_loss_weight`: co-training's weight of the right brain's answer loss (0: none;
+  TwinBrain family only)."""
+  weight = float(config.train.get("answer_loss_weight", 0.0) or 0.0)
+  if weight and families.family(config) != "twinbrain":
+    raise ConfigError(f"train.answer_loss_weight={weight} co-trains a TwinBrain-family VLA; "
+                      f"config.family={families.family(config)!r} has its own loss.")
+  if weight < 0:
+    raise ConfigError(f"train.answer_loss_weight={weight} must be >= 0.")
+  return weight
+
+
 def model_inputs(config: ml_collections.ConfigDict) -> ModelInputs:
   return model_inputs_for(state_lib.model_config(config),
                           QwenTokenizer.from_file(tokenizer_dir(config)),
                           config.inputs.max_left_tokens, config.inputs.max_right_tokens,
-                          image_size(config.data))
+                          image_size(config.data), config.inputs.get("max_lm_tokens", 0) or 0)
 
 
 def _step_flops(inputs: ModelInputs, batch_size: int, num_repeats: int) -> int:
   """Analytic FLOPs of one train step of the config's model family."""
+  if isinstance(inputs.config, vlm.VlmConfig):
+    return vlm.train_step_flops(inputs.config, batch_size, inputs.max_lm_tokens,
+                                inputs.patches_per_image)["total"]
   if isinstance(inputs.config, libra.LibraConfig):
     return libra.train_step_flops(inputs.config, batch_size, inputs.max_left_tokens,
                                   inputs.patches_per_image, num_repeats)["total"]
@@ -158,7 +173,10 @@ def _eval_pipeline(config: ml_collections.ConfigDict, train_pipeline: DataPipeli
 
 def _check_widths(pipeline: DataPipeline, model_config: Any) -> None:
   """The data's state and action widths must be the model's: the pipeline zero-pads every
-  dataset to `data.state_dim` / `data.action_dim` (default: the widest dataset's)."""
+  dataset to `data.state_dim` / `data.action_dim` (default: the widest dataset's). The VLM reads
+  neither."""
+  if isinstance(model_config, vlm.VlmConfig):
+    return
   if isinstance(model_config, libra.LibraConfig):
     action_field, model_action_dim = "model.action_dim", model_config.action_dim
   else:
@@ -217,6 +235,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     raise ConfigError(f"data.action_horizon={config.data.action_horizon} must equal Libra's plan "
                       f"length L = M x H = {inputs.config.plan_length} (model.num_segments x "
                       "model.segment_length).")
+  answer_weight = answer_loss_weight(config)
+  if answer_weight and not inputs.max_lm_tokens:
+    raise ConfigError(f"train.answer_loss_weight={answer_weight} needs question-answer rows: set "
+                      "inputs.max_lm_tokens > 0 and a dataset with answers (metaworld_vqa) in "
+                      "data.datasets.")
+  if config.init.get("vlm_checkpoint") and config.init.get("hf_checkpoint"):
+    raise ConfigError("init.hf_checkpoint and init.vlm_checkpoint are both set; a run starts "
+                      "from one pretrained backbone.")
   groups = families.TRAINABLE_GROUPS[families.family(config)]
   tx = optimizer_lib.make_optimizer(train_cfg, groups)
   schedules = optimizer_lib.group_schedules(train_cfg, groups)
@@ -253,18 +279,31 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     if isinstance(model, libra.LibraVLA):
       state = state_lib.load_pretrained_libra(state, shardings, inputs.config,
                                               config.init.hf_checkpoint,
-                                              config.init.get("siglip_checkpoint"))
+                                              config.init.get("siglip_checkpoint"),
+                                              config.init.get("vlm_checkpoint"))
+    elif isinstance(model, vlm.VisionLanguageModel):
+      if config.init.hf_checkpoint or config.init.get("vlm_checkpoint"):
+        raise ConfigError("A VLM run starts from random weights; leave init.hf_checkpoint and "
+                          "init.vlm_checkpoint unset.")
     elif config.init.hf_checkpoint:
       state = state_lib.load_pretrained_backbones(state, shardings, inputs.config,
                                                   config.init.hf_checkpoint, mesh, rules)
+    elif config.init.get("vlm_checkpoint"):
+      state = state_lib.load_vlm_backbones(state, shardings, inputs.config,
+                                           config.init.vlm_checkpoint, mesh)
     if preemption.agreed():
       return _preempted_in_startup(checkpoint_dir, data_iter, manager)
 
   batch_size = int(config.data.batch_size)
   grid = inputs.image_grid_thw(batch_size)
-  step_fn = step_lib.make_train_step(model, tx, grid, config.flow.num_repeats, accum, schedules)
+  step_fn = step_lib.make_train_step(model, tx, grid, config.flow.num_repeats, accum, schedules,
+                                     answer_weight)
   flops = _step_flops(inputs, batch_size, config.flow.num_repeats)
-  tokens_per_step = batch_size * (inputs.max_left_tokens + inputs.max_right_tokens)
+  if isinstance(model, vlm.VisionLanguageModel):
+    tokens_per_step = batch_size * inputs.max_lm_tokens
+  else:
+    tokens_per_step = batch_size * (inputs.max_left_tokens + inputs.max_right_tokens
+                                    + (inputs.max_lm_tokens if answer_weight else 0))
   peak = float(train_cfg.peak_flops_per_device) * jax.device_count()
 
   def next_batch(iterator):
@@ -333,7 +372,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
                                         or step == train_cfg.num_steps):
         if eval_step is None:
           eval_step = step_lib.make_eval_step(model, grid, config.flow.num_repeats, shardings,
-                                              batch_shardings, mesh)
+                                              batch_shardings, mesh, answer_weight)
         eval_iter = eval_pipeline.iterator()  # The same held-out batches every time.
         values = [eval_step(state, step_lib.global_batch(next_batch(eval_iter), batch_shardings))
                   for _ in range(int(train_cfg.eval_batches))]

@@ -7,6 +7,10 @@
 The frozen left brain (and, with low-rank adapters, the right brain's base weights) is passed
 to the loss as a constant (`state.frozen`), so it is never differentiated. For Libra, `state.frozen` holds the dynamic curriculum's latch instead, which the
 step updates from the batch's token accuracy; the loss's parts are reported in the metrics.
+
+The loss is the family's (`make_loss_fn`): TwinBrain's flow matching, plus with
+`answer_loss_weight > 0` the right brain's answer-only next-token loss on the batch's
+question-answer rows (co-training); Libra's joint loss; the VLM's answer-only loss.
 Gradient accumulation scans over micro-batches inside the step: one call is one optimizer step
 whatever the accumulation.
 """
@@ -24,15 +28,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from twinbrain_jax import sharding as sharding_lib
 from twinbrain_jax.config_lib import ConfigError
-from twinbrain_jax.models import libra
+from twinbrain_jax.answer_loss import answer_loss
+from twinbrain_jax.models import libra, vlm
 from twinbrain_jax.models.families import Model
 from twinbrain_jax.models.layers import merge_trees
-from twinbrain_jax.models.twinbrain import compute_loss
+from twinbrain_jax.models.twinbrain import TwinBrainVLA, compute_loss
 from twinbrain_jax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 # Keys whose batch axis is not the first: M-RoPE positions are [3, B, L].
-_BATCH_AXIS = {"left_position_ids": 1, "right_position_ids": 1}
+_BATCH_AXIS = {"left_position_ids": 1, "right_position_ids": 1, "lm_position_ids": 1}
 
 
 def batch_axis(key: str) -> int:
@@ -101,7 +106,10 @@ def split_microbatches(batch: Batch, num_micro: int, batch_size: int) -> dict[st
 
 def valid_action_counts(micro: Batch) -> jax.Array:
   """Valid action elements of each micro-batch, [k] float32 (`actions [k, b, T, A]`,
-  `action_mask [k, b, T]` or `[k, b, T, A]`; no mask = all valid)."""
+  `action_mask [k, b, T]` or `[k, b, T, A]`; no mask = all valid). A batch without actions (the
+  VLM's) counts its answer targets (`lm_loss_mask [k, b, L]`)."""
+  if "actions" not in micro:
+    return micro["lm_loss_mask"].astype(jnp.float32).sum(axis=(1, 2))
   actions = micro["actions"]
   mask = micro.get("action_mask")
   if mask is None:
@@ -113,13 +121,27 @@ def valid_action_counts(micro: Batch) -> jax.Array:
 
 
 def make_loss_fn(model: Model, image_grid_thw: np.ndarray, num_repeats: int,
-                 train: bool = True) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+                 train: bool = True, answer_loss_weight: float = 0.0
+                 ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
   """(trainable params, frozen, batch, rng) -> (scalar loss, metrics of its parts): TwinBrain's
-  flow-matching loss (no parts), or Libra's joint loss (`libra.compute_loss`)."""
+  flow-matching loss (no parts; with `answer_loss_weight > 0`, plus that weight times the right
+  brain's answer loss, `loss_flow` and `loss_answer` reported), Libra's joint loss
+  (`libra.compute_loss`) or the VLM's answer-only loss (`vlm.compute_loss`)."""
   grid = np.asarray(image_grid_thw)
   if isinstance(model, libra.LibraVLA):
     def loss_fn(params, frozen, batch, rng):
       return libra.compute_loss(model, params, frozen, batch, grid, rng, num_repeats, train)
+  elif isinstance(model, vlm.VisionLanguageModel):
+    def loss_fn(params, frozen, batch, rng):
+      del frozen, rng
+      return vlm.compute_loss(model, params, batch, grid)
+  elif answer_loss_weight:
+    def loss_fn(params, frozen, batch, rng):
+      params = merge_trees(frozen, params)
+      flow = compute_loss(model, params, batch, grid, rng, num_repeats, train)
+      logits = model.apply({"params": params}, batch, grid, method=TwinBrainVLA.answer_logits)
+      answer, parts = answer_loss(logits, batch["lm_targets"], batch["lm_loss_mask"])
+      return flow + answer_loss_weight * answer, dict(parts, loss_flow=flow, loss_answer=answer)
   else:
     def loss_fn(params, frozen, batch, rng):
       return compute_loss(model, merge_trees(frozen, params), batch, grid, rng, num_repeats,
@@ -137,7 +159,8 @@ def update_frozen(model: Model, frozen: Any, metrics: Mapping[str, jax.Array]) -
 
 def make_train_step(model: Model, tx: optax.GradientTransformation,
                     image_grid_thw: np.ndarray, num_repeats: int, grad_accum_steps: int = 1,
-                    schedules: Mapping[str, optax.Schedule] | None = None
+                    schedules: Mapping[str, optax.Schedule] | None = None,
+                    answer_loss_weight: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The pure train step: loss, gradients of the trainable params, one optimizer update.
 
@@ -149,6 +172,8 @@ def make_train_step(model: Model, tx: optax.GradientTransformation,
       the batch's valid action elements, so the result is the gradient of the whole batch's
       masked mean loss.
     schedules: per-group learning rates, reported in the metrics.
+    answer_loss_weight: co-training (TwinBrain family): the weight of the right brain's answer
+      loss added to the flow-matching loss (`train.answer_loss_weight`).
 
   Returns:
     step(state, batch) -> (new state, metrics {loss, grad_norm, param_norm, lr/<group>} and the
@@ -166,7 +191,7 @@ def make_train_step(model: Model, tx: optax.GradientTransformation,
         f"train.grad_accum_steps={k} needs one image grid for the whole batch (micro-batches "
         f"take samples i, i+{k}, ... and share one compiled step); got image_grid_thw "
         f"{grid.tolist()}. Use one image size (data.image_size).")
-  micro_loss = make_loss_fn(model, grid[::k], num_repeats)
+  micro_loss = make_loss_fn(model, grid[::k], num_repeats, answer_loss_weight=answer_loss_weight)
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch: Batch):
@@ -215,10 +240,12 @@ def jit_train_step(step: Callable, state_shardings: TrainState,
 
 def make_eval_step(model: Model, image_grid_thw: np.ndarray, num_repeats: int,
                    state_shardings: TrainState, batch_shardings_: Mapping[str, NamedSharding],
-                   mesh: Mesh) -> Callable[[TrainState, Batch], jax.Array]:
+                   mesh: Mesh, answer_loss_weight: float = 0.0
+                   ) -> Callable[[TrainState, Batch], jax.Array]:
   """Validation loss without dropout; the noise is a fixed function of the step (comparable
   across evaluations)."""
-  loss_fn = make_loss_fn(model, image_grid_thw, num_repeats, train=False)
+  loss_fn = make_loss_fn(model, image_grid_thw, num_repeats, train=False,
+                         answer_loss_weight=answer_loss_weight)
 
   def eval_step(state: TrainState, batch: Batch) -> jax.Array:
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, 2**31 - 1), 0)
