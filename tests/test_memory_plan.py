@@ -32,8 +32,8 @@ def test_largest_fitting_batch_is_exact(monkeypatch, bytes_per_device_batch):
       mesh=dict(data=-1, fsdp=1, tensor=1), train=dict(grad_accum_steps=1)))
   compiled = []
 
-  def fake_plan(config, batch_size, fast_cpu_compile):
-    assert fast_cpu_compile
+  def fake_plan(config, batch_size, fast_cpu_compile, cpu_bf16_as_native):
+    assert fast_cpu_compile and cpu_bf16_as_native
     compiled.append(batch_size)
     return _Plan(batch_size, bytes_per_device_batch(batch_size // 8))
 
@@ -47,6 +47,15 @@ def test_largest_fitting_batch_is_exact(monkeypatch, bytes_per_device_batch):
   assert len(compiled) == len(set(compiled)) <= 30, compiled
   if bytes_per_device_batch(3) - bytes_per_device_batch(2) == 3:  # Linear: the line is exact.
     assert len(compiled) == 4, compiled
+
+
+def test_a_budget_below_one_sample_per_device_says_so_with_that_plan(monkeypatch):
+  config = ml_collections.ConfigDict(dict(
+      mesh=dict(data=-1, fsdp=1, tensor=1), train=dict(grad_accum_steps=1)))
+  monkeypatch.setattr(memory, "memory_plan", lambda config, batch_size, **_: _Plan(batch_size, 50))
+  with pytest.raises(memory.DoesNotFit, match="Even a batch of 8 .* needs") as error:
+    memory.largest_fitting_batch(config, 49, log=lambda _: None)
+  assert error.value.plan.batch_size == 8 and error.value.plan.total_bytes == 50
 
 
 def test_compiled_plan_of_the_tiny_step():
