@@ -2,7 +2,6 @@
 (`init.vlm_checkpoint`), co-training, and scripts/eval_vqa.py."""
 
 import json
-import subprocess
 import sys
 
 import absl.flags
@@ -14,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import processes
 from fixtures_training import REPO, tiny_config
 from fixtures_vqa import QUESTIONS, write_square_vqa
 from twinbrain_jax.answer_loss import answer_loss, answer_rows
@@ -224,6 +224,7 @@ def test_vlm_checkpoint_of_another_backbone_or_family_is_refused(data, vlm_run):
         ml_collections.ConfigDict(wider)))
 
 
+@pytest.mark.slow
 def test_cotraining_adds_the_weighted_answer_loss(data, tmp_path):
   _, robot = data
   config = ml_collections.ConfigDict(robot.to_dict())
@@ -259,8 +260,8 @@ def test_cotraining_adds_the_weighted_answer_loss(data, tmp_path):
 
 
 def _eval_vqa(*args):
-  return subprocess.run([sys.executable, str(REPO / "scripts" / "eval_vqa.py"), *args],
-                        capture_output=True, text=True, timeout=900, cwd=REPO)
+  return processes.run([sys.executable, str(REPO / "scripts" / "eval_vqa.py"), *args],
+                       hang_timeout=900, cwd=REPO)
 
 
 @pytest.mark.slow
@@ -308,3 +309,58 @@ def test_eval_vqa_bad_input(data, vlm_run, tmp_path):
                        config.init.tokenizer, tmp_path / "bundle", "float32")
   done = _eval_vqa(f"--run={tmp_path / 'bundle'}", f"--data_dir={robot.data.data_dir}")
   assert done.returncode == 1 and "has no language head" in done.stderr, done.stderr[-2000:]
+
+
+def test_vlm_steps_vla_steps_eval_vqa_and_one_closed_loop_episode(tmp_path):
+  """The whole path on Meta-World, tiny: VQA corpus and demonstrations of reach-v3 -> VLM steps
+  -> TwinBrain steps from the VLM -> eval_vqa.py on both brains -> one closed-loop episode."""
+  from twinbrain_jax.sim import metaworld_dataset as mwd  # pylint: disable=import-outside-toplevel
+  from twinbrain_jax.sim import vqa_dataset as vd  # pylint: disable=import-outside-toplevel
+  data_dir, tokenizer = tmp_path / "data", tmp_path / "tokenizer"
+  mwd.write_dataset(str(data_dir), "reach-v3", episodes_per_task=2)
+  report = vd.write_dataset(str(data_dir), "reach-v3", train_seeds=1, heldout_seeds=1,
+                            frames_per_seed=1)
+  vla = preset_from_file(REPO / "configs" / "twinbrain.py", "metaworld_tiny")
+  mwd.write_tokenizer(str(tokenizer), vla.model)
+  vlm_cfg = preset_from_file(REPO / "configs" / "vlm.py", "metaworld_vlm")
+  for config, steps in ((vlm_cfg, 2), (vla, 2)):
+    config.data.update(data_dir=str(data_dir), batch_size=8, read_threads=1, prefetch_batches=1)
+    config.init.tokenizer = str(tokenizer)
+    config.train.update(num_steps=steps, log_every=1, progress_bar=False)
+    config.checkpoint.update(every=steps, async_save=False)
+  loop.train(vlm_cfg, str(tmp_path / "vlm"))
+  vla.init.vlm_checkpoint = str(tmp_path / "vlm" / "checkpoints")
+  result = loop.train(vla, str(tmp_path / "vla"))
+  assert result.final_step == 2
+  checkpoints = tmp_path / "vla" / "checkpoints"
+  done = _eval_vqa(f"--run={checkpoints}", f"--output_dir={tmp_path}", "--label=vla",
+                   "--batch_size=8", "--max_lm_tokens=128")
+  assert done.returncode == 0, done.stderr[-3000:]
+  brains = json.loads((tmp_path / "vla.json").read_text())["brains"]
+  assert set(brains) == {"left", "right"}
+  for brain in brains.values():
+    assert brain["per_type"]["all"]["n"] == report["examples"]["heldout"]
+  episode = processes.run([sys.executable, "scripts/eval_metaworld.py", f"--policy={checkpoints}",
+                           "--tasks=reach-v3", "--episodes=1", "--max_steps=20",
+                           "--num_videos=0", f"--output_dir={tmp_path}", "--label=episode"],
+                          tmp_path / "episode", 900, cwd=REPO)
+  assert episode.returncode == 0, episode.stderr[-3000:]
+  outcome = json.loads((tmp_path / "episode.json").read_text())
+  assert outcome["tasks"]["reach-v3"]["episodes"] == 1
+
+
+@pytest.mark.parametrize("preset,twin", [("metaworld_vlm", "metaworld_tiny"),
+                                         ("metaworld_vlm_qwen3vl", "metaworld_tiny_qwen3vl")])
+def test_vlm_presets_have_the_backbone_of_their_vla_preset(preset, twin):
+  config = preset_from_file(REPO / "configs" / "vlm.py", preset)
+  vla = preset_from_file(REPO / "configs" / "twinbrain.py", twin)
+  model_config = families.model_config(config)
+  assert families.family(config) == "vlm" and config.data.datasets == ("metaworld_vqa",)
+  assert model_config.backbone == families.model_config(vla).backbone
+  model = families.build_model(model_config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             *vlm.init_args(model_config))["params"])
+  want = state_lib.backbone_param_shapes(model_config.backbone)
+  got = {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape) for p, x in
+         jax.tree_util.tree_flatten_with_path(nn.unbox(shapes["backbone"]))[0]}
+  assert got == want
