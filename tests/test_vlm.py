@@ -167,6 +167,10 @@ def test_vlm_checkpoint_gives_both_brains_its_weights_and_the_left_stays_frozen(
   moved = [not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(jax.device_get(result.state.params["right"])), jax.tree.leaves(backbone))]
   assert any(moved)
+  # A VLA checkpoint is no VLM checkpoint.
+  with pytest.raises(ConfigError, match="is a 'twinbrain' run; it must be a VLM run"):
+    state_lib.read_vlm_backbone(str(workdir / "checkpoints"),
+                                families.model_config(config).backbone)
   # Before any step: both brains are the VLM's backbone (the right brain's reserved rows start
   # at the mean embedding, as from an HF checkpoint).
   fresh = ml_collections.ConfigDict(config.to_dict())
