@@ -195,7 +195,9 @@ def _metaworld_tiny_monolithic_cotrain():
   add the right brain's answer-only next-token loss (weight 1) to the flow-matching loss."""
   c = _metaworld_tiny_monolithic()
   c.data.update(datasets=("metaworld", "metaworld_vqa"), weights=(1.0, 0.25))
-  c.inputs.max_lm_tokens = 128
+  # A question is also the instruction of its sample's (action-less) VLA prompts: room for the
+  # longest (the corpus's question-answer rows reach 93 tokens with the Meta-World tokenizer).
+  c.inputs.update(max_left_tokens=96, max_right_tokens=128, max_lm_tokens=128)
   c.train.answer_loss_weight = 1.0
   return c
 
