@@ -149,12 +149,9 @@ def main(argv):
   try:
     tasks = mw.resolve_tasks(_TASKS.value)
     mw.eval_seeds(_EPISODES.value, _SEED_OFFSET.value)
+    evaluation.check_num_envs(_NUM_ENVS.value, len(tasks), _EPISODES.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  total = len(tasks) * _EPISODES.value
-  if not 1 <= _NUM_ENVS.value <= total:
-    sys.exit(f"error: --num_envs={_NUM_ENVS.value}: give 1 to {total}, the number of episodes "
-             f"({len(tasks)} tasks x --episodes={_EPISODES.value}).")
   agent, image_size, close = _agent()
   label = _LABEL.value or agent.name
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)

@@ -34,9 +34,6 @@ _STRIP_FRAMES = flags.DEFINE_integer("strip_frames", 6, "Frames per episode in t
 
 def main(argv):
   del argv
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   results = []
   for path in _RESULTS.value:
     with open(path) as f:
@@ -65,9 +62,8 @@ def main(argv):
     print(evaluation.mt50_markdown(mt50, reported))
   if chosen:
     written.append(f"{stem}_strip.png")
-    fig = evaluation.rollout_strip(chosen, _STRIP_FRAMES.value)
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    evaluation.save_figure(lambda: evaluation.rollout_strip(chosen, _STRIP_FRAMES.value),
+                           written[-1])
   print("wrote " + ", ".join(written))
 
 

@@ -260,6 +260,15 @@ def groups_of(tasks: Sequence[str]) -> dict[str, tuple[str, ...]]:
   return groups
 
 
+def check_num_envs(num_envs: int, num_tasks: int, episodes: int) -> None:
+  """Raises ValueError unless 1 <= num_envs <= the number of episodes (more would sit idle)."""
+  total = num_tasks * episodes
+  if not 1 <= num_envs <= total:
+    raise ValueError(f"--num_envs={num_envs}: give 1 to {total}, the number of episodes "
+                     f"({num_tasks} tasks x --episodes={episodes}); more environments than "
+                     "episodes would sit idle.")
+
+
 class EvaluationStopped(RuntimeError):
   """A parallel evaluation stopped on a worker's failure; `partial` holds the finished
   episodes' result (`evaluate`'s structure, with `"incomplete": True`)."""
@@ -296,11 +305,7 @@ def evaluate(agent: Agent, tasks: Sequence[str], episodes: int, *, seed_offset: 
   """
   tasks = tuple(mw.resolve_tasks(tasks))
   seeds = mw.eval_seeds(episodes, seed_offset)
-  total = len(tasks) * len(seeds)
-  if not 1 <= num_envs <= total:
-    raise ValueError(f"num_envs={num_envs}: give 1 to {total}, the number of episodes "
-                     f"({len(tasks)} tasks x {len(seeds)}); more environments than episodes "
-                     "would sit idle.")
+  check_num_envs(num_envs, len(tasks), episodes)
   settings = dict(episodes_per_task=episodes, seed_offset=seed_offset,
                   image_size=list(mw.image_hw(image_size)), max_steps=max_steps,
                   num_envs=num_envs)
@@ -477,14 +482,19 @@ def format_comparison(results: Sequence[Mapping[str, Any]]) -> str:
                    for i in range(len(columns[0])))
 
 
-def plot_success(results: Sequence[Mapping[str, Any]], path: str) -> None:
-  """Writes `success_figure(results)` to `path` (PNG), without a display."""
+def save_figure(make_figure: Callable[[], Any], path: str) -> None:
+  """Draws `make_figure()` without a display and writes it to `path` (PNG)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig = success_figure(results)
+  fig = make_figure()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def plot_success(results: Sequence[Mapping[str, Any]], path: str) -> None:
+  """Writes `success_figure(results)` to `path` (PNG), without a display."""
+  save_figure(lambda: success_figure(results), path)
 
 
 def success_figure(results: Sequence[Mapping[str, Any]]):
@@ -538,12 +548,7 @@ def mt50_markdown(results: Sequence[Mapping[str, Any]],
 def plot_groups(results: Sequence[Mapping[str, Any]], path: str,
                 reported: Mapping[str, Mapping[str, Any]] | None = None) -> None:
   """Writes `groups_figure` to `path` (PNG), without a display."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig = groups_figure(results, reported)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_figure(lambda: groups_figure(results, reported), path)
 
 
 def groups_figure(results: Sequence[Mapping[str, Any]],
