@@ -142,6 +142,7 @@ def test_a_signal_during_startup_exits_0_and_writes_nothing(data_config, tmp_pat
       [sys.executable, "-c", _SIGNAL_DURING, signum, phase, "--config=configs/twinbrain.py:tiny",
        f"--workdir={workdir}", f"--config.data.data_dir={config.data.data_dir}",
        f"--config.init.tokenizer={config.init.tokenizer}", "--config.train.progress_bar=False",
+       f"--config.model.left_dtype={config.model.left_dtype}",  # As the checkpoint it resumes.
        "--config.train.num_steps=1000"],
       tmp_path / "log", cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert done.returncode == 0, done.stderr[-3000:]
