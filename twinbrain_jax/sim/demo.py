@@ -89,7 +89,8 @@ class StageError(RuntimeError):
   """A stage's command failed; the message names the stage and the command."""
 
 
-def _script(name: str, *flags: str) -> list[str]:
+def script(name: str, *flags: str) -> list[str]:
+  """The command that runs `scripts/<name>` with `flags` in this Python."""
   return [sys.executable, str(REPO / "scripts" / name), *flags]
 
 
@@ -110,13 +111,13 @@ def dataset_commands(settings: DemoSettings, paths: DemoPaths) -> list[list[str]
           f"{paths.dataset} holds demonstrations of {', '.join(have)}, not of the requested "
           f"{settings.tasks}; remove {paths.data} or choose another work dir.")
   else:
-    commands.append(_script(
+    commands.append(script(
         "make_metaworld_dataset.py", f"--data_dir={paths.data}", f"--tasks={settings.tasks}",
         f"--episodes_per_task={settings.episodes_per_task}", f"--config={settings.config}",
         f"--tokenizer_dir={paths.tokenizer}", f"--format={settings.data_format}",
         "--verbosity=-1"))
   if not commands and not os.path.exists(paths.tokenizer):
-    commands.append(_script("make_metaworld_dataset.py", f"--data_dir={paths.data}",
+    commands.append(script("make_metaworld_dataset.py", f"--data_dir={paths.data}",
                             f"--config={settings.config}", f"--tokenizer_dir={paths.tokenizer}",
                             "--tokenizer_only"))
   return commands
@@ -131,17 +132,17 @@ def train_command(settings: DemoSettings, paths: DemoPaths) -> list[str]:
   if settings.data_format == "lerobot":
     from twinbrain_jax.sim import metaworld_dataset as mwd  # pylint: disable=g-import-not-at-top
     flags += [f"--config.data.datasets=({mwd.lerobot_entry()!r},)", "--config.data.weights=(1.0,)"]
-  return _script("train.py", *flags)
+  return script("train.py", *flags)
 
 
 def export_command(paths: DemoPaths) -> list[str]:
-  return _script("export.py", f"--checkpoint_dir={paths.checkpoints}", f"--out={paths.bundle}",
+  return script("export.py", f"--checkpoint_dir={paths.checkpoints}", f"--out={paths.bundle}",
                  "--dtype=float32", "--verbosity=-1")
 
 
 def serve_command(paths: DemoPaths) -> list[str]:
   # One client (the evaluation): batches of one, so only that size is compiled.
-  return _script("serve.py", f"--bundle={paths.bundle}", "--host=127.0.0.1", "--port=0",
+  return script("serve.py", f"--bundle={paths.bundle}", "--host=127.0.0.1", "--port=0",
                  "--max_batch=1")
 
 
@@ -155,7 +156,7 @@ def eval_command(settings: DemoSettings, paths: DemoPaths, policy: str, label: s
            f"--num_videos={settings.num_videos if policy.startswith('server=') else 0}"]
   if plot_with:
     flags.append("--plot_with=" + ",".join(plot_with))
-  return _script("eval_metaworld.py", *flags)
+  return script("eval_metaworld.py", *flags)
 
 
 def _header(text: str) -> None:
