@@ -1,5 +1,6 @@
 """Policy: the training preprocessing, un-normalised actions, compiles, batches, bad input."""
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -18,7 +19,7 @@ from twinbrain_jax.data import normalization
 from twinbrain_jax.data.pipeline import DataPipeline
 from twinbrain_jax.models.twinbrain import sample_actions
 from twinbrain_jax.serving.policy import ObservationError, Policy
-from twinbrain_jax.training import loop
+from twinbrain_jax.training import export, loop
 
 LEROBOT_FIXTURES = pathlib.Path(__file__).parent / "data" / "lerobot"
 
@@ -213,3 +214,16 @@ def test_a_bundle_of_a_lerobot_run_serves_without_the_data(tmp_path):
   after = policy.infer(obs)["actions"]
   assert after.shape == (16, 4)
   np.testing.assert_array_equal(after, before)
+
+
+def test_question_answer_data_of_a_cotrained_run_is_not_a_dataset_to_serve(tiny_policy_dirs):
+  """A co-training mixture adds the VQA corpus (no actions, `action_dim` 0) to the robot data:
+  the policy serves the robot dataset only, so observations need not name it."""
+  bundle = export.load_bundle_or_checkpoint(tiny_policy_dirs.bundle_dir)
+  config = ml_collections.ConfigDict(bundle.config.to_dict())
+  robot = config.data.datasets[0]
+  config.data.update(datasets=(robot, "metaworld_vqa"), weights=(1.0, 0.25))
+  stats = dict(bundle.norm_stats, metaworld_vqa=bundle.norm_stats[robot])  # state and action
+  policy = Policy(dataclasses.replace(bundle, config=config, norm_stats=stats))
+  assert list(policy.datasets) == [robot] and policy.default_dataset == robot
+  assert policy.infer(observation(seed=0))["actions"].shape == (16, 7)

@@ -160,7 +160,8 @@ class Policy:
     self.datasets = {}
     for entry in data_config.dataset_entries(data):  # The run's names and their schemas.
       stats = bundle.norm_stats.get(entry.name, {})
-      if {"state", "action"} <= set(stats):
+      # A co-training mixture's question-answer data (action_dim 0) has no actions to serve.
+      if {"state", "action"} <= set(stats) and entry.spec.action_dim > 0:
         self.datasets[entry.name] = entry.spec
         self._state_stats[entry.name] = normalization.ArrayStats.from_json(stats["state"])
     if not self.datasets:

@@ -327,6 +327,11 @@ def build_report(config: ml_collections.ConfigDict, paths: Paths,
       stages=dict(timings), wall_s=sum(t["wall_s"] for t in timings.values()))
 
 
+def _episodes(settings: Mapping[str, Any]) -> str:
+  n = settings["episodes_per_task"]
+  return f"{n} episode{'' if n == 1 else 's'}"
+
+
 def _cell(k: int, n: int, ci95: Sequence[float]) -> str:
   return f"{k}/{n}, {100 * k / n if n else 0:.1f} % [{100 * ci95[0]:.1f}, {100 * ci95[1]:.1f}]"
 
@@ -350,8 +355,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
   s = report["closed_loop_settings"]
   groups = list(next(iter(report["closed_loop"].values())))
   groups = [g for g in groups if g != "num_envs"]
-  lines += ["", f"Closed loop ({s['episodes_per_task']} episodes per task on the evaluation "
-            f"seeds, {s['max_steps']}-step limit):", "",
+  lines += ["", f"Closed loop ({_episodes(s)} per task on the evaluation seeds, "
+            f"{s['max_steps']}-step limit):", "",
             "| VLA | " + " | ".join(GROUP_TITLES.get(g, g) for g in groups) + " |",
             "|---|" + "---|" * len(groups)]
   for name, r in report["closed_loop"].items():
@@ -388,8 +393,7 @@ def report_figure(report: Mapping[str, Any]):
   right.set_xticks(np.arange(len(vlas)), vlas, rotation=30, ha="right", fontsize=8)
   right.set_ylabel("success rate (95% Wilson CI)")
   s = report["closed_loop_settings"]
-  right.set_title(f"closed loop, {s['episodes_per_task']} episodes per task, "
-                  f"{s['max_steps']}-step limit")
+  right.set_title(f"closed loop, {_episodes(s)} per task, {s['max_steps']}-step limit")
   right.legend(fontsize=8)
   fig.tight_layout()
   return fig
