@@ -47,7 +47,8 @@ def _default() -> ml_collections.ConfigDict:
        for name, config, from_vlm, one_env in VLAS})
   # Extra `--config.*` overrides of every training run (VLM and VLAs), e.g. a smaller batch.
   c.train_overrides = ()
-  # Held-out VQA (scripts/eval_vqa.py, every brain of every run); limit: examples per type.
+  # Held-out VQA (scripts/eval_vqa.py, every brain of every run); limit: examples per type
+  # (0: all).
   c.eval_vqa = ml_collections.ConfigDict(dict(split="heldout", limit=0))
   # Closed loop (scripts/eval_metaworld.py): one call per VLA on all `tasks`, `episodes` each on
   # the evaluation seeds; results per group (mt10, reach-place, reach-place-heldout).
@@ -66,7 +67,8 @@ def _smoke() -> ml_collections.ConfigDict:
                frames_per_seed=1)
   c.vlm.steps = 2
   c.vla_steps = 2
-  c.train_overrides = ("--config.data.batch_size=4", "--config.train.log_every=1",
+  # Batch 8: divisible by the 8 fake CPU devices of the test run as by 1, 2 or 4 devices.
+  c.train_overrides = ("--config.data.batch_size=8", "--config.train.log_every=1",
                        "--config.data.prefetch_batches=1")
   c.eval_vqa.limit = 2
   c.closed_loop.update(episodes=1, max_steps=8, num_envs=2)

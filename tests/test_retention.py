@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import processes
+from twinbrain_jax import cli
 from twinbrain_jax.config_lib import preset_from_file
 from twinbrain_jax.sim import evaluation
 from twinbrain_jax.sim import metaworld as mw
@@ -241,7 +242,9 @@ def test_smoke_preset_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
   out = tmp_path / "retention"
   command = [str(REPO / "scripts" / "retention.py"), "--config=configs/retention.py:smoke",
              f"--output_dir={out}"]
-  first = processes.run([sys.executable, *command], tmp_path / "first", cwd=REPO)
+  # One CPU device, as the command runs outside the tests (not the suite's 8 fake devices).
+  env = dict(os.environ, XLA_FLAGS=cli.with_host_device_count(os.environ.get("XLA_FLAGS", ""), 1))
+  first = processes.run([sys.executable, *command], tmp_path / "first", cwd=REPO, env=env)
   assert first.returncode == 0, first.stderr[-5000:] + first.stdout[-5000:]
   report = json.loads((out / "retention.json").read_text())
   assert set(report["stages"]) == set(STAGES)
@@ -258,7 +261,7 @@ def test_smoke_preset_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
   assert all(f"| {name} |" in markdown for name in VLAS)
 
   before = _mtimes(out)
-  second = processes.run([sys.executable, *command], tmp_path / "second", cwd=REPO)
+  second = processes.run([sys.executable, *command], tmp_path / "second", cwd=REPO, env=env)
   assert second.returncode == 0, second.stderr[-5000:]
   assert second.stdout.count("output exists: skipped") == len(STAGES)
   assert "no stage ran: skipped" in second.stdout
