@@ -210,7 +210,8 @@ def _metaworld_tiny_blind():
 
 def _metaworld_mt50():
   """`metaworld_tiny` on MT50 (`make_metaworld_dataset.py --tasks=mt50`, 50 demonstrations per
-  task): 8 000 steps, checkpoints kept every 2 000 (docs/metaworld.md, the MT50 table)."""
+  task): 8 000 steps, checkpoints kept every 2 000. The MT50 table's runs (docs/metaworld.md)
+  continue its last checkpoint in a new workdir with `--config.train.num_steps=16000`."""
   c = _metaworld_tiny()
   c.train.num_steps = 8000
   c.checkpoint.update(every=500, keep_last=2, keep_every=2000)
