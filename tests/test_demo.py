@@ -1,17 +1,24 @@
 """`make demo`: the Meta-World closed loop (data -> training -> export -> server -> evaluation)."""
 
+import contextlib
 import json
 import os
+import pathlib
+import signal
 import sys
+import time
 
 import pytest
 
+import processes
 from fixtures_demo import DEMO_GROUP, TINY_DEMO
 from twinbrain_jax.sim import demo
 from twinbrain_jax.sim import evaluation
 from twinbrain_jax.sim import metaworld as mw
 from twinbrain_jax.sim import metaworld_dataset as mwd
 from twinbrain_jax.training import export
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_settings_refuse_bad_values():
@@ -72,6 +79,38 @@ def test_lerobot_demo_commands_train(tmp_path):
 def test_a_failed_stage_stops_the_demo_and_is_named():
   with pytest.raises(demo.StageError, match=r"training failed \(exit status 3\)"):
     demo.check_call("training", [sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+_STAGE = """
+import os, pathlib, signal, sys, time
+pid_file = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (pid_file.with_suffix('.term').touch(), os._exit(0)))
+pid_file.write_text(str(os.getpid()))
+time.sleep(3600)
+"""
+
+
+def test_a_stage_is_stopped_when_the_process_that_started_it_is_killed(tmp_path):
+  """SIGKILL of the orchestrator (nothing of it runs after) still sends the stage SIGTERM."""
+  pid_file = tmp_path / "stage.pid"
+  orchestrator = ("import sys; from twinbrain_jax.sim import demo; "
+                  "demo.check_call('stage', [sys.executable, '-c', sys.argv[1], sys.argv[2]])")
+  stage_pid = None
+  try:
+    with processes.started([sys.executable, "-c", orchestrator, _STAGE, str(pid_file)],
+                           log_dir=tmp_path / "log", cwd=REPO) as parent:
+      parent.wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the stage's start")
+      stage_pid = int(pid_file.read_text())
+      os.kill(parent.proc.pid, signal.SIGKILL)
+      assert parent.wait() == -signal.SIGKILL
+    deadline = time.monotonic() + processes.HANG_TIMEOUT_S  # Only catches a hang.
+    while not pid_file.with_suffix(".term").exists():
+      assert time.monotonic() < deadline, "the orphaned stage was never sent SIGTERM"
+      time.sleep(0.2)
+  finally:
+    if stage_pid is not None:
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(stage_pid, signal.SIGKILL)
 
 
 def test_a_server_that_exits_before_listening_is_an_error():

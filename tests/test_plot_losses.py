@@ -1,6 +1,6 @@
 """Loss curves of several runs (`training/summaries.py`, `scripts/plot_losses.py`): event files
 written by the training loop's own writer for two fake runs, one of them resumed twice with
-steps logged again; the parsed series, the later value winning, smoothing, the table, the PNG and
+steps logged again (each start within the same second keeps its own file); the parsed series, the later value winning, smoothing, the table, the PNG and
 the errors.
 
 TensorFlow (the event-file reader) runs only in subprocesses (see tests/conftest.py).
@@ -10,7 +10,6 @@ import json
 import pathlib
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -39,9 +38,6 @@ def _log(logdir, steps, offset, eval_steps=()):
       writer.add_scalar("eval/loss", _loss(step, offset) + 0.1, step)
   writer.flush()
   writer.close()
-  # tensorboardX names an event file by the second it was opened: the next start of the same run
-  # opens its own file only in a later second.
-  time.sleep(1.05 - time.time() % 1.0)
 
 
 @pytest.fixture(scope="module")

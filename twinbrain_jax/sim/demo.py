@@ -163,10 +163,27 @@ def _header(text: str) -> None:
   print(f"\n=== {text}", flush=True)
 
 
+# Runs before a stage's command (exec keeps the death signal): the stage gets SIGTERM when the
+# process that started it dies, even by SIGKILL. A stage runs in its own session, out of reach of
+# the terminal's signals, and would otherwise run on orphaned; on SIGTERM a training stage saves
+# its checkpoint and exits. (`preexec_fn` is unsafe in a process with threads.)
+_TERM_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "  # PR_SET_PDEATHSIG
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); "  # The parent died before prctl.
+    "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def _start_stage(command: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+  """`command` in its own process group, stopped (SIGTERM) when this process dies."""
+  return subprocess.Popen([sys.executable, "-c", _TERM_WITH_PARENT, str(os.getpid()), *command],
+                          cwd=REPO, start_new_session=True, **popen_kwargs)
+
+
 def check_call(stage: str, command: Sequence[str]) -> None:
   """Runs `command` with the demo's own stdout/stderr; raises StageError if it fails."""
   print("$ " + shlex.join(command), flush=True)
-  proc = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+  proc = _start_stage(command)
   try:
     code = proc.wait()
   finally:
@@ -195,8 +212,8 @@ class _Server:
 
   def __init__(self, command: Sequence[str]):
     print("$ " + shlex.join(command) + " &", flush=True)
-    self.proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    self.proc = _start_stage(command, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
     self._addresses: queue.Queue[str] = queue.Queue()
     threading.Thread(target=self._echo, daemon=True).start()
 

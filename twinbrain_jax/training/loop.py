@@ -153,7 +153,10 @@ def _writer(logdir: str):
   if jax.process_index() != 0:
     return None
   from tensorboardX import SummaryWriter  # Imported lazily: only the chief writes.
-  return SummaryWriter(logdir)
+  # tensorboardX names the file by the second it is opened (and the host): a run restarted within
+  # that second would overwrite its previous file. The sub-second time and the pid keep every
+  # start's file, and names still sort in the order they were opened.
+  return SummaryWriter(logdir, filename_suffix=f".{time.time_ns() % 10**9:09d}.{os.getpid()}")
 
 
 def _eval_pipeline(config: ml_collections.ConfigDict, train_pipeline: DataPipeline
