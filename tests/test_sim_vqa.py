@@ -260,3 +260,16 @@ def test_every_mt50_scene_has_its_things_and_questions():
       assert {"task", "instruction"} <= {qa.question_type for qa in questions}, task
       if task in vqa.ARTICULATIONS:
         assert vqa.ARTICULATIONS[task].joint in state.joints
+
+
+def test_accuracy_plot_takes_types_answered_all_right_or_all_wrong(tmp_path):
+  """A type of n/n has a Wilson upper bound 1e-16 below 1: its error bar must not go negative."""
+  from twinbrain_jax.sim import vqa_evaluation  # pylint: disable=g-import-not-at-top
+  per_type = dict(left_right=vqa_evaluation.accuracy([True] * 2594),
+                  gripper_open=vqa_evaluation.accuracy([False] * 46),
+                  all=vqa_evaluation.accuracy([True] * 2594 + [False] * 46))
+  assert per_type["left_right"]["ci95"][1] < per_type["left_right"]["accuracy"]  # The cause.
+  path = tmp_path / "vqa.png"
+  vqa_evaluation.plot_accuracy({"left": dict(per_type=per_type), "right": dict(per_type=per_type)},
+                               str(path), "two brains")
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
