@@ -1,7 +1,7 @@
 """Loss curves of several runs (`training/summaries.py`, `scripts/plot_losses.py`): event files
 written by the training loop's own writer for two fake runs, one of them resumed twice with
-steps logged again (each start within the same second keeps its own file); the parsed series, the later value winning, smoothing, the table, the PNG and
-the errors.
+steps logged again (each start keeps its own file, also within one second); the parsed series,
+the later value winning, smoothing, the table, the PNG and the errors.
 
 TensorFlow (the event-file reader) runs only in subprocesses (see tests/conftest.py).
 """
