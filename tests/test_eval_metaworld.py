@@ -37,6 +37,9 @@ def test_wilson_interval_known_values():
   np.testing.assert_allclose(evaluation.wilson_interval(10, 10), (0.7225, 1.0), atol=1e-4)
   np.testing.assert_allclose(evaluation.wilson_interval(5, 10), (0.2366, 0.7634), atol=1e-4)
   assert evaluation.wilson_interval(0, 0) == (0.0, 1.0)
+  # Exact at the ends (computed, 0/500 gave 4e-19 and 2594/2594 gave 1 - 1e-16).
+  assert evaluation.wilson_interval(0, 500)[0] == 0.0
+  assert evaluation.wilson_interval(2594, 2594)[1] == 1.0
   summary = evaluation.summarize([True, False, False, True])
   assert summary["successes"] == 2 and summary["episodes"] == 4
   assert summary["success_rate"] == 0.5

@@ -263,14 +263,14 @@ def test_every_mt50_scene_has_its_things_and_questions():
 
 
 def test_accuracy_plot_takes_types_answered_all_right_or_all_wrong(tmp_path):
-  """A type of n/n (0/n) can have a Wilson bound 1e-16 below 1 (above 0): its error bar must not
-  go negative (matplotlib refuses it)."""
+  """A type of n/n (0/n) has its estimate on the interval's bound: no error bar may go negative
+  (matplotlib refuses it)."""
   from twinbrain_jax.sim import vqa_evaluation  # pylint: disable=g-import-not-at-top
   per_type = dict(left_right=vqa_evaluation.accuracy([True] * 2594),
                   task=vqa_evaluation.accuracy([False] * 500),
                   all=vqa_evaluation.accuracy([True] * 2594 + [False] * 46))
-  assert per_type["left_right"]["ci95"][1] < per_type["left_right"]["accuracy"]  # The cause,
-  assert per_type["task"]["ci95"][0] > per_type["task"]["accuracy"]  # both ways.
+  assert per_type["left_right"]["ci95"][1] == per_type["left_right"]["accuracy"] == 1.0
+  assert per_type["task"]["ci95"][0] == per_type["task"]["accuracy"] == 0.0
   path = tmp_path / "vqa.png"
   vqa_evaluation.plot_accuracy({"left": dict(per_type=per_type), "right": dict(per_type=per_type)},
                                str(path), "two brains")

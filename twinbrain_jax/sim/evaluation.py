@@ -233,14 +233,18 @@ def run_episode(env: mw.MetaWorldEnv, agent: Agent, seed: int, *,
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-  """The Wilson score interval of a success rate (95 % for the default z); (0, 1) if no trial."""
+  """The Wilson score interval of a success rate (95 % for the default z); (0, 1) if no trial.
+  At 0 of n (n of n) the lower (upper) bound is exactly 0 (1), as in closed form: computed, it
+  lands up to 1e-16 beside it, outside the interval's own estimate."""
   if trials == 0:
     return 0.0, 1.0
   p = successes / trials
   denominator = 1 + z * z / trials
   centre = (p + z * z / (2 * trials)) / denominator
   half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-  return max(0.0, centre - half), min(1.0, centre + half)
+  low = 0.0 if successes == 0 else max(0.0, centre - half)
+  high = 1.0 if successes == trials else min(1.0, centre + half)
+  return low, high
 
 
 def summarize(successes: Sequence[bool]) -> dict[str, Any]:

@@ -273,7 +273,6 @@ def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: str, title: st
     rows = [results[brain]["per_type"][t] for t in types]
     values = np.array([r["accuracy"] for r in rows])
     errors = np.array([[v - r["ci95"][0], r["ci95"][1] - v] for v, r in zip(values, rows)]).T
-    errors = np.maximum(errors, 0.0)  # The Wilson bound of 0 or n of n lies within 1e-16 of it.
     ax.bar(np.arange(len(types)) + (i - (len(brains) - 1) / 2) * width, values, width,
            yerr=errors, capsize=2, label=brain)
   ax.set_xticks(np.arange(len(types)), types, rotation=30, ha="right")
